@@ -1,0 +1,6 @@
+//! hauberk: a Nix-compatible store, a single-threaded build engine and a CI daemon.
+
+pub mod store;
+
+#[doc(hidden)]
+pub mod testutil;

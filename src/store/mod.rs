@@ -1,0 +1,9 @@
+//! The store: Nix's formats (base32, hashes, paths, derivations, NAR, references) and the
+//! local store on disk (validity database, locks, roots). Knows nothing of building or CI.
+
+pub mod base32;
+pub mod hash;
+pub mod path;
+
+pub use hash::{Algo, Hash};
+pub use path::{FileIngestionMethod, StoreDir, StorePath};
