@@ -3,6 +3,7 @@
 
 pub mod base32;
 pub mod hash;
+pub mod lock;
 pub mod path;
 
 pub use hash::{Algo, Hash};
