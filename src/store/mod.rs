@@ -2,6 +2,7 @@
 //! local store on disk (validity database, locks, roots). Knows nothing of building or CI.
 
 pub mod base32;
+pub mod db;
 pub mod hash;
 pub mod lock;
 pub mod path;
