@@ -3,6 +3,7 @@
 
 pub mod base32;
 pub mod db;
+pub mod fsutil;
 pub mod hash;
 pub mod lock;
 pub mod path;
