@@ -7,6 +7,7 @@ pub mod fsutil;
 pub mod hash;
 pub mod lock;
 pub mod path;
+pub mod roots;
 
 pub use hash::{Algo, Hash};
 pub use path::{FileIngestionMethod, StoreDir, StorePath};
