@@ -1,0 +1,177 @@
+//! The command line: global options, sub-command dispatch and exit codes. Each command's
+//! module parses its own options and drives the library; none of the work lives here.
+
+mod drv_cmd;
+mod store_cmd;
+
+use std::ffi::OsString;
+use std::fmt;
+use std::path::PathBuf;
+
+use crate::store::local::{LocalStore, DEFAULT_STATE_DIR, DEFAULT_STORE_DIR};
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// A command's failure: what to print and the exit status (1 unless the command says).
+#[derive(Debug)]
+pub struct CliError {
+    pub message: String,
+    pub code: i32,
+}
+
+impl CliError {
+    pub fn new(message: impl Into<String>) -> CliError {
+        CliError {
+            message: message.into(),
+            code: 1,
+        }
+    }
+
+    pub fn usage(message: impl Into<String>) -> CliError {
+        CliError {
+            message: format!("{}\nTry 'hauberk --help' for more information.", message.into()),
+            code: 1,
+        }
+    }
+}
+
+impl fmt::Display for CliError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl<E: std::error::Error> From<E> for CliError {
+    fn from(e: E) -> Self {
+        CliError::new(e.to_string())
+    }
+}
+
+pub type CliResult = Result<i32, CliError>;
+
+/// Options every command shares.
+#[derive(Clone, Debug)]
+pub struct Global {
+    pub store_dir: String,
+    pub state_dir: PathBuf,
+}
+
+impl Global {
+    pub fn open_store(&self) -> Result<LocalStore, CliError> {
+        LocalStore::open(&self.store_dir, &self.state_dir).map_err(CliError::from)
+    }
+}
+
+const USAGE: &str = "Usage: hauberk [GLOBAL OPTIONS] COMMAND [ARGS...]
+
+Commands:
+  store add|add-fixed|add-text|dump|restore|hash-path|query|verify
+                    the store: add paths, NAR, queries, verification
+  drv add|show|path|outputs
+                    derivations: add to the store, show as JSON, compute paths
+
+Global options:
+      --store-dir DIR   store directory (env HAUBERK_STORE_DIR; default /hauberk/store)
+      --state-dir DIR   state directory (env HAUBERK_STATE_DIR; default /hauberk/var)
+  -v, --verbose         more log output (repeat for more; or set RUST_LOG)
+  -h, --help            this help
+  -V, --version         the version
+
+'hauberk COMMAND --help' describes a command.";
+
+/// Parses a command's options, printing its help for `--help`. `Ok(None)` means help was
+/// printed and the command should exit 0.
+pub fn parse_opts(
+    opts: &mut getopts::Options,
+    args: &[String],
+    usage: &str,
+) -> Result<Option<getopts::Matches>, CliError> {
+    opts.optflag("h", "help", "show this help");
+    let m = opts.parse(args).map_err(|e| {
+        CliError::new(format!("{e}\n{}", opts.usage(usage).trim_end()))
+    })?;
+    if m.opt_present("help") {
+        println!("{}", opts.usage(usage).trim_end());
+        return Ok(None);
+    }
+    Ok(Some(m))
+}
+
+fn run(args: Vec<String>) -> CliResult {
+    let mut opts = getopts::Options::new();
+    opts.parsing_style(getopts::ParsingStyle::StopAtFirstFree);
+    opts.optopt("", "store-dir", "", "DIR");
+    opts.optopt("", "state-dir", "", "DIR");
+    opts.optflagmulti("v", "verbose", "");
+    opts.optflag("h", "help", "");
+    opts.optflag("V", "version", "");
+    let m = opts
+        .parse(&args)
+        .map_err(|e| CliError::usage(e.to_string()))?;
+    if m.opt_present("version") {
+        println!("hauberk {VERSION}");
+        return Ok(0);
+    }
+    if m.opt_present("help") || m.free.is_empty() {
+        println!("{USAGE}");
+        return Ok(if m.free.is_empty() && !m.opt_present("help") {
+            1
+        } else {
+            0
+        });
+    }
+    init_logging(m.opt_count("verbose"));
+    let global = Global {
+        store_dir: m
+            .opt_str("store-dir")
+            .or_else(|| std::env::var("HAUBERK_STORE_DIR").ok())
+            .unwrap_or_else(|| DEFAULT_STORE_DIR.to_string()),
+        state_dir: m
+            .opt_str("state-dir")
+            .or_else(|| std::env::var("HAUBERK_STATE_DIR").ok())
+            .unwrap_or_else(|| DEFAULT_STATE_DIR.to_string())
+            .into(),
+    };
+    let cmd = m.free[0].as_str();
+    let rest = &m.free[1..];
+    match cmd {
+        "store" => store_cmd::run(&global, rest),
+        "drv" => drv_cmd::run(&global, rest),
+        other => Err(CliError::usage(format!("unknown command '{other}'"))),
+    }
+}
+
+fn init_logging(verbosity: usize) {
+    let level = match verbosity {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let env = env_logger::Env::default().default_filter_or(level);
+    let _ = env_logger::Builder::from_env(env)
+        .format_target(false)
+        .try_init();
+}
+
+/// Runs hauberk with these arguments (the first is the program name) and returns the exit
+/// status.
+pub fn main(args: impl Iterator<Item = OsString>) -> i32 {
+    let mut strings = Vec::new();
+    for a in args.skip(1) {
+        match a.into_string() {
+            Ok(s) => strings.push(s),
+            Err(a) => {
+                eprintln!("hauberk: argument {a:?} is not valid UTF-8");
+                return 1;
+            }
+        }
+    }
+    match run(strings) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("hauberk: {e}");
+            e.code
+        }
+    }
+}
