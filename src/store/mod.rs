@@ -3,7 +3,9 @@
 
 pub mod base32;
 pub mod hash;
+pub mod nar;
 pub mod path;
+pub mod refs;
 
 pub use hash::{Algo, Hash};
 pub use path::{FileIngestionMethod, StoreDir, StorePath};
