@@ -349,7 +349,7 @@ fn dump_contents(w: &mut Writer, path: &Path, buf: &mut [u8]) -> Result<(), NarE
         return Err(NarError::Io {
             op: "opening",
             path: path.to_path_buf(),
-            source: io::Error::new(io::ErrorKind::Other, "replaced while being dumped"),
+            source: io::Error::other("replaced while being dumped"),
         });
     }
     let size = meta.len();

@@ -276,7 +276,7 @@ mod tests {
         let partial = &A[..31];
         for data in [
             format!("/nix/store/{partial}-x"),
-            format!("{partial}"),
+            partial.to_string(),
             format!("{}e{}", &A[..16], &A[17..]), // one char replaced by a non-digit
         ] {
             for piece in [1, 5, 31, 32, 100] {
