@@ -980,4 +980,36 @@ mod tests {
         }
         assert!(err(b"").contains("truncated"));
     }
+
+    #[test]
+    fn non_canonical_regular_files_and_types() {
+        let nar = nar_of(|w| {
+            w.tags(&[
+                "(",
+                "type",
+                "regular",
+                "executable",
+                "x",
+                "contents",
+                "",
+                ")",
+            ])
+            .unwrap()
+        });
+        assert!(err(&nar).contains("expected tag '' after 'executable'"));
+        let nar = nar_of(|w| w.tags(&["(", "type", "regular", ")"]).unwrap());
+        assert!(err(&nar).contains("expected tag 'executable' or 'contents'"));
+        let nar = nar_of(|w| w.tags(&["(", "type", "fifo", ")"]).unwrap());
+        assert!(err(&nar).contains("got 'fifo'"));
+        let nar = nar_of(|w| {
+            w.tags(&["(", "type", "symlink", "target", "", ")"])
+                .unwrap()
+        });
+        assert!(err(&nar).contains("invalid symlink target"));
+        let nar = nar_of(|w| {
+            w.tags(&["(", "type", "regular", "contents"]).unwrap();
+            w.u64(1 << 63).unwrap();
+        });
+        assert!(err(&nar).contains("absurd length"));
+    }
 }
