@@ -29,7 +29,10 @@ impl CliError {
 
     pub fn usage(message: impl Into<String>) -> CliError {
         CliError {
-            message: format!("{}\nTry 'hauberk --help' for more information.", message.into()),
+            message: format!(
+                "{}\nTry 'hauberk --help' for more information.",
+                message.into()
+            ),
             code: 1,
         }
     }
@@ -87,9 +90,9 @@ pub fn parse_opts(
     usage: &str,
 ) -> Result<Option<getopts::Matches>, CliError> {
     opts.optflag("h", "help", "show this help");
-    let m = opts.parse(args).map_err(|e| {
-        CliError::new(format!("{e}\n{}", opts.usage(usage).trim_end()))
-    })?;
+    let m = opts
+        .parse(args)
+        .map_err(|e| CliError::new(format!("{e}\n{}", opts.usage(usage).trim_end())))?;
     if m.opt_present("help") {
         println!("{}", opts.usage(usage).trim_end());
         return Ok(None);

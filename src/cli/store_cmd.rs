@@ -38,7 +38,9 @@ pub fn run(g: &Global, args: &[String]) -> CliResult {
             println!("{USAGE}");
             Ok(0)
         }
-        other => Err(CliError::usage(format!("unknown store subcommand '{other}'\n{USAGE}"))),
+        other => Err(CliError::usage(format!(
+            "unknown store subcommand '{other}'\n{USAGE}"
+        ))),
     }
 }
 
@@ -51,16 +53,35 @@ fn need_args(m: &getopts::Matches, what: &str) -> Result<(), CliError> {
 
 fn add(g: &Global, args: &[String]) -> CliResult {
     let mut o = getopts::Options::new();
-    o.optflag("n", "dry-run", "print the store paths without adding anything");
-    o.optopt("", "name", "store path name (default: the file name)", "NAME");
-    let Some(m) = parse_opts(&mut o, args, "Usage: hauberk store add [--dry-run] [--name NAME] PATH...")? else {
+    o.optflag(
+        "n",
+        "dry-run",
+        "print the store paths without adding anything",
+    );
+    o.optopt(
+        "",
+        "name",
+        "store path name (default: the file name)",
+        "NAME",
+    );
+    let Some(m) = parse_opts(
+        &mut o,
+        args,
+        "Usage: hauberk store add [--dry-run] [--name NAME] PATH...",
+    )?
+    else {
         return Ok(0);
     };
     need_args(&m, "PATH")?;
     let mut store = g.open_store()?;
     let name = m.opt_str("name");
     for p in &m.free {
-        let sp = store.add_path(Path::new(p), name.as_deref(), AddMethod::Source, m.opt_present("dry-run"))?;
+        let sp = store.add_path(
+            Path::new(p),
+            name.as_deref(),
+            AddMethod::Source,
+            m.opt_present("dry-run"),
+        )?;
         println!("{}", store.print(&sp));
     }
     Ok(0)
@@ -68,14 +89,34 @@ fn add(g: &Global, args: &[String]) -> CliResult {
 
 fn add_fixed(g: &Global, args: &[String]) -> CliResult {
     let mut o = getopts::Options::new();
-    o.optflag("r", "recursive", "hash the NAR serialisation instead of the file's bytes");
-    o.optflag("n", "dry-run", "print the store paths without adding anything");
-    o.optopt("", "name", "store path name (default: the file name)", "NAME");
-    let Some(m) = parse_opts(&mut o, args, "Usage: hauberk store add-fixed [--recursive] ALGO PATH...")? else {
+    o.optflag(
+        "r",
+        "recursive",
+        "hash the NAR serialisation instead of the file's bytes",
+    );
+    o.optflag(
+        "n",
+        "dry-run",
+        "print the store paths without adding anything",
+    );
+    o.optopt(
+        "",
+        "name",
+        "store path name (default: the file name)",
+        "NAME",
+    );
+    let Some(m) = parse_opts(
+        &mut o,
+        args,
+        "Usage: hauberk store add-fixed [--recursive] ALGO PATH...",
+    )?
+    else {
         return Ok(0);
     };
     if m.free.len() < 2 {
-        return Err(CliError::usage("add-fixed needs ALGO and at least one PATH"));
+        return Err(CliError::usage(
+            "add-fixed needs ALGO and at least one PATH",
+        ));
     }
     let algo = Algo::parse(&m.free[0])?;
     let method = if m.opt_present("recursive") {
@@ -113,7 +154,12 @@ fn add_text(g: &Global, args: &[String]) -> CliResult {
     let mut o = getopts::Options::new();
     o.reqopt("", "name", "store path name", "NAME");
     o.optmulti("", "reference", "a store path the text refers to", "PATH");
-    let Some(m) = parse_opts(&mut o, args, "Usage: hauberk store add-text --name NAME [--reference PATH]... FILE")? else {
+    let Some(m) = parse_opts(
+        &mut o,
+        args,
+        "Usage: hauberk store add-text --name NAME [--reference PATH]... FILE",
+    )?
+    else {
         return Ok(0);
     };
     if m.free.len() != 1 {
@@ -142,7 +188,8 @@ fn dump(args: &[String]) -> CliResult {
     let stdout = io::stdout();
     let mut w = BufWriter::with_capacity(256 * 1024, stdout.lock());
     nar::dump_path(Path::new(&m.free[0]), &mut w)?;
-    w.flush().map_err(|e| CliError::new(format!("write standard output: {e}")))?;
+    w.flush()
+        .map_err(|e| CliError::new(format!("write standard output: {e}")))?;
     Ok(0)
 }
 
@@ -162,12 +209,26 @@ fn restore(args: &[String]) -> CliResult {
 
 fn hash_path(args: &[String]) -> CliResult {
     let mut o = getopts::Options::new();
-    o.optopt("t", "type", "hash algorithm: md5, sha1, sha256 (default), sha512", "ALGO");
+    o.optopt(
+        "t",
+        "type",
+        "hash algorithm: md5, sha1, sha256 (default), sha512",
+        "ALGO",
+    );
     o.optflag("", "base16", "print in base16");
     o.optflag("", "base32", "print in Nix base32 (the default)");
     o.optflag("", "sri", "print in SRI form");
-    o.optflag("", "flat", "hash the file's bytes, not its NAR serialisation");
-    let Some(m) = parse_opts(&mut o, args, "Usage: hauberk store hash-path [--type ALGO] [--base16|--base32|--sri] [--flat] PATH...")? else {
+    o.optflag(
+        "",
+        "flat",
+        "hash the file's bytes, not its NAR serialisation",
+    );
+    let Some(m) = parse_opts(
+        &mut o,
+        args,
+        "Usage: hauberk store hash-path [--type ALGO] [--base16|--base32|--sri] [--flat] PATH...",
+    )?
+    else {
         return Ok(0);
     };
     need_args(&m, "PATH")?;
@@ -196,7 +257,15 @@ fn hash_path(args: &[String]) -> CliResult {
 
 fn query(g: &Global, args: &[String]) -> CliResult {
     let mut o = getopts::Options::new();
-    let modes = ["references", "referrers", "requisites", "deriver", "hash", "size", "valid"];
+    let modes = [
+        "references",
+        "referrers",
+        "requisites",
+        "deriver",
+        "hash",
+        "size",
+        "valid",
+    ];
     for q in modes {
         o.optflag("", q, "");
     }
@@ -252,8 +321,17 @@ fn query(g: &Global, args: &[String]) -> CliResult {
 
 fn verify(g: &Global, args: &[String]) -> CliResult {
     let mut o = getopts::Options::new();
-    o.optflag("", "check-contents", "also hash every valid path and compare");
-    let Some(m) = parse_opts(&mut o, args, "Usage: hauberk store verify [--check-contents]")? else {
+    o.optflag(
+        "",
+        "check-contents",
+        "also hash every valid path and compare",
+    );
+    let Some(m) = parse_opts(
+        &mut o,
+        args,
+        "Usage: hauberk store verify [--check-contents]",
+    )?
+    else {
         return Ok(0);
     };
     let store = g.open_store()?;

@@ -29,10 +29,23 @@ pub struct PathInfo {
 
 #[derive(Debug)]
 pub enum DbError {
-    Sqlite { op: String, path: PathBuf, err: rusqlite::Error },
-    Corrupt { path: PathBuf, what: String },
-    MissingReference { path: String, reference: String },
-    TooNew { path: PathBuf, version: i64 },
+    Sqlite {
+        op: String,
+        path: PathBuf,
+        err: rusqlite::Error,
+    },
+    Corrupt {
+        path: PathBuf,
+        what: String,
+    },
+    MissingReference {
+        path: String,
+        reference: String,
+    },
+    TooNew {
+        path: PathBuf,
+        version: i64,
+    },
 }
 
 impl fmt::Display for DbError {
@@ -42,10 +55,9 @@ impl fmt::Display for DbError {
             DbError::Corrupt { path, what } => {
                 write!(f, "read database {}: {what}", path.display())
             }
-            DbError::MissingReference { path, reference } => write!(
-                f,
-                "register {path}: its reference {reference} is not valid"
-            ),
+            DbError::MissingReference { path, reference } => {
+                write!(f, "register {path}: its reference {reference} is not valid")
+            }
             DbError::TooNew { path, version } => write!(
                 f,
                 "open database {}: schema version {version} is newer than this hauberk knows ({})",
@@ -113,7 +125,11 @@ impl StoreDb {
         let sq = |op: &str| {
             let file = file.to_path_buf();
             let op = op.to_string();
-            move |err| DbError::Sqlite { op, path: file, err }
+            move |err| DbError::Sqlite {
+                op,
+                path: file,
+                err,
+            }
         };
         let mut conn = Connection::open(file).map_err(sq("open database"))?;
         conn.busy_timeout(Duration::from_secs(60))
@@ -228,7 +244,12 @@ impl StoreDb {
             references,
             ca: ca.filter(|s| !s.is_empty()),
             sigs: sigs
-                .map(|s| s.split(' ').filter(|x| !x.is_empty()).map(String::from).collect())
+                .map(|s| {
+                    s.split(' ')
+                        .filter(|x| !x.is_empty())
+                        .map(String::from)
+                        .collect()
+                })
                 .unwrap_or_default(),
         }))
     }

@@ -104,7 +104,10 @@ fn canon_rec(path: &Path, expected: Option<u32>, rep: &mut CanonReport) -> Resul
         return Err(FsError {
             op: "canonicalise",
             path: path.to_path_buf(),
-            err: io::Error::new(io::ErrorKind::InvalidInput, "not a regular file, directory or symlink"),
+            err: io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a regular file, directory or symlink",
+            ),
         });
     }
     let mode = if md.mode() & 0o100 != 0 { 0o555 } else { 0o444 };
@@ -165,7 +168,10 @@ pub fn copy_tree(from: &Path, to: &Path) -> Result<(), FsError> {
         Err(FsError {
             op: "copy",
             path: from.to_path_buf(),
-            err: io::Error::new(io::ErrorKind::InvalidInput, "not a regular file, directory or symlink"),
+            err: io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a regular file, directory or symlink",
+            ),
         })
     }
 }

@@ -29,7 +29,11 @@ const STAGING_PREFIX: &str = ".hauberk-tmp-";
 
 #[derive(Debug)]
 pub enum StoreError {
-    Io { op: &'static str, path: PathBuf, err: io::Error },
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        err: io::Error,
+    },
     Fs(FsError),
     Db(DbError),
     Lock(LockError),
@@ -37,7 +41,10 @@ pub enum StoreError {
     Nar(NarError),
     Path(PathError),
     NotValid(String),
-    BadInput { path: PathBuf, what: String },
+    BadInput {
+        path: PathBuf,
+        what: String,
+    },
 }
 
 impl fmt::Display for StoreError {
@@ -232,7 +239,11 @@ impl LocalStore {
             let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(STAGING_PREFIX)) else {
                 continue;
             };
-            let pid: i32 = rest.split('-').next().and_then(|p| p.parse().ok()).unwrap_or(0);
+            let pid: i32 = rest
+                .split('-')
+                .next()
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(0);
             let alive = pid > 0
                 && pid as u32 != std::process::id()
                 && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();

@@ -18,7 +18,11 @@ static HELD: Mutex<Option<HashSet<PathBuf>>> = Mutex::new(None);
 
 #[derive(Debug)]
 pub enum LockError {
-    Io { op: &'static str, path: PathBuf, err: io::Error },
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        err: io::Error,
+    },
 }
 
 impl fmt::Display for LockError {

@@ -5,8 +5,11 @@ pub mod base32;
 pub mod db;
 pub mod fsutil;
 pub mod hash;
+pub mod local;
 pub mod lock;
+pub mod nar;
 pub mod path;
+pub mod refs;
 pub mod roots;
 
 pub use hash::{Algo, Hash};

@@ -12,7 +12,11 @@ use super::lock::{LockError, PathLock};
 
 #[derive(Debug)]
 pub enum RootsError {
-    Io { op: &'static str, path: PathBuf, err: io::Error },
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        err: io::Error,
+    },
     Lock(LockError),
     BadName(String),
 }
@@ -22,7 +26,10 @@ impl fmt::Display for RootsError {
         match self {
             RootsError::Io { op, path, err } => write!(f, "{op} {}: {err}", path.display()),
             RootsError::Lock(e) => write!(f, "{e}"),
-            RootsError::BadName(n) => write!(f, "add root '{n}': a root name may not contain '/' or start with '.'"),
+            RootsError::BadName(n) => write!(
+                f,
+                "add root '{n}': a root name may not contain '/' or start with '.'"
+            ),
         }
     }
 }
@@ -134,13 +141,17 @@ mod tests {
         add_root(&dir, "x", "/nix/store/11111111111111111111111111111111-b").unwrap();
         assert_eq!(
             list_roots(&dir).unwrap(),
-            vec![(link, PathBuf::from("/nix/store/11111111111111111111111111111111-b"))]
+            vec![(
+                link,
+                PathBuf::from("/nix/store/11111111111111111111111111111111-b")
+            )]
         );
         assert!(add_root(&dir, "../x", "/").is_err());
         let tr_path;
         {
             let mut tr = TempRoots::open(&dir).unwrap();
-            tr.add("/nix/store/00000000000000000000000000000000-a").unwrap();
+            tr.add("/nix/store/00000000000000000000000000000000-a")
+                .unwrap();
             tr_path = tr.path.clone();
             assert_eq!(
                 fs::read(&tr_path).unwrap(),
