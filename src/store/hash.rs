@@ -162,13 +162,17 @@ impl Hash {
         };
         let size = algo.size();
         let bytes = if sri {
-            base64_decode(rest).filter(|b| b.len() == size).ok_or_else(bad)?
+            base64_decode(rest)
+                .filter(|b| b.len() == size)
+                .ok_or_else(bad)?
         } else if rest.len() == 2 * size {
             hex_decode(rest).ok_or_else(bad)?
         } else if rest.len() == base32::encoded_len(size) {
             base32::decode(rest.as_bytes(), size).ok_or_else(bad)?
         } else if rest.len() == base64_len(size) {
-            base64_decode(rest).filter(|b| b.len() == size).ok_or_else(bad)?
+            base64_decode(rest)
+                .filter(|b| b.len() == size)
+                .ok_or_else(bad)?
         } else {
             return Err(bad());
         };

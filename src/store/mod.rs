@@ -2,6 +2,8 @@
 //! local store on disk (validity database, locks, roots). Knows nothing of building or CI.
 
 pub mod base32;
+pub mod drv;
+pub mod drv_json;
 pub mod hash;
 pub mod path;
 

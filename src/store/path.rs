@@ -335,12 +335,24 @@ mod tests {
             .unwrap();
         assert_eq!(p.hash_part(), "5vyvcwah9l9kf07d52rcgdk70g2f4y13");
         assert_eq!(p.name(), "foo");
-        assert!(sd.parse("/nix/store/5vyvcwah9l9kf07d52rcgdk70g2f4y13").is_err());
-        assert!(sd.parse("/nix/store/5vyvcwah9l9kf07d52rcgdk70g2f4y1e-foo").is_err());
-        assert!(sd.parse("/nix/store/5vyvcwah9l9kf07d52rcgdk70g2f4y13-.foo").is_err());
-        assert!(sd.parse("/nix/store/5vyvcwah9l9kf07d52rcgdk70g2f4y13-f o").is_err());
-        assert!(sd.parse("/nix/stor/5vyvcwah9l9kf07d52rcgdk70g2f4y13-foo").is_err());
-        assert!(sd.parse("/nix/store/5vyvcwah9l9kf07d52rcgdk70g2f4y13-foo/bin").is_err());
+        assert!(sd
+            .parse("/nix/store/5vyvcwah9l9kf07d52rcgdk70g2f4y13")
+            .is_err());
+        assert!(sd
+            .parse("/nix/store/5vyvcwah9l9kf07d52rcgdk70g2f4y1e-foo")
+            .is_err());
+        assert!(sd
+            .parse("/nix/store/5vyvcwah9l9kf07d52rcgdk70g2f4y13-.foo")
+            .is_err());
+        assert!(sd
+            .parse("/nix/store/5vyvcwah9l9kf07d52rcgdk70g2f4y13-f o")
+            .is_err());
+        assert!(sd
+            .parse("/nix/stor/5vyvcwah9l9kf07d52rcgdk70g2f4y13-foo")
+            .is_err());
+        assert!(sd
+            .parse("/nix/store/5vyvcwah9l9kf07d52rcgdk70g2f4y13-foo/bin")
+            .is_err());
         let long = "a".repeat(212);
         assert!(check_name(&long).is_err());
         assert!(check_name(&long[..211]).is_ok());
@@ -353,8 +365,10 @@ mod tests {
     #[test]
     fn text_path_of_a_known_drv() {
         // From the Nix 2.8 vector leaf-no-inputs: a .drv with no references.
-        let text =
-            std::fs::read(crate::testutil::conformance("nix-2.8/leaf-no-inputs/drv.txt")).unwrap();
+        let text = std::fs::read(crate::testutil::conformance(
+            "nix-2.8/leaf-no-inputs/drv.txt",
+        ))
+        .unwrap();
         let p = nix()
             .make_text_path("bvectors-chain-n0.drv", &Hash::sha256(&text), [])
             .unwrap();
