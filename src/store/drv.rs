@@ -1452,12 +1452,16 @@ impl<'a> DrvHasher<'a> {
                 }
                 None => {
                     if let Some((p, d, _)) = stack.pop() {
-                        let h = self.hash_modulo(&d, false).map_err(|cause| match cause {
-                            DrvError::Input { .. } => cause,
-                            other => DrvError::Input {
-                                path: self.store_dir.print(&p),
-                                cause: Box::new(other),
-                            },
+                        let h = self.hash_modulo(&d, false).map_err(|cause| {
+                            // Errors from deeper inputs already name their input.
+                            if matches!(cause, DrvError::Input { .. }) {
+                                cause
+                            } else {
+                                DrvError::Input {
+                                    path: self.store_dir.print(&p),
+                                    cause: Box::new(cause),
+                                }
+                            }
                         })?;
                         on_stack.remove(&p);
                         self.memo.insert(p, h);
@@ -1698,6 +1702,72 @@ mod tests {
         assert_eq!(d.drv_type(), Err(DrvError::MixedOutputTypes));
         d.outputs.clear();
         assert_eq!(d.drv_type(), Err(DrvError::NoOutputs));
+    }
+
+    /// A chain of `n` derivations, each depending on the previous; returns the last.
+    fn chain(n: usize) -> (BTreeMap<StorePath, Derivation>, Derivation) {
+        let mut map = BTreeMap::new();
+        let mut prev: Option<StorePath> = None;
+        let mut last = Derivation::default();
+        for i in 0..n {
+            let mut d = Derivation::default().with_name(&format!("n{i}"));
+            d.outputs.insert("out".into(), DerivationOutput::Deferred);
+            d.platform = b"x86_64-linux".to_vec();
+            d.builder = b"/bin/sh".to_vec();
+            if let Some(p) = prev.take() {
+                d.input_drvs.insert(p, BTreeSet::from(["out".to_string()]));
+            }
+            let p = d.drv_path(&sd()).unwrap();
+            map.insert(p.clone(), d.clone());
+            prev = Some(p);
+            last = d;
+        }
+        (map, last)
+    }
+
+    #[test]
+    fn deep_graphs_do_not_recurse() {
+        let (map, last) = chain(20_000);
+        let mut h = DrvHasher::from_map(sd(), &map);
+        let got = h.hash_modulo(&last, true).unwrap();
+        assert_eq!(got.kind, DrvHashKind::Regular);
+        // Memoized: a second derivation on top reuses every input hash.
+        assert_eq!(h.hash_modulo(&last, true).unwrap(), got);
+    }
+
+    #[test]
+    fn cycles_and_missing_inputs_are_errors() {
+        let (mut map, _) = chain(2);
+        let keys: Vec<StorePath> = map.keys().cloned().collect();
+        // Make the first depend on the second too.
+        for k in &keys {
+            let other = keys.iter().find(|o| *o != k).unwrap().clone();
+            map.get_mut(k)
+                .unwrap()
+                .input_drvs
+                .insert(other, BTreeSet::from(["out".to_string()]));
+        }
+        let mut h = DrvHasher::from_map(sd(), &map);
+        let e = h.hash_of_path(&keys[0]).unwrap_err();
+        assert!(matches!(e, DrvError::Cycle { .. }), "{e}");
+
+        let (map, last) = chain(3);
+        let first = map
+            .iter()
+            .find(|(_, d)| d.name() == "n0")
+            .unwrap()
+            .0
+            .clone();
+        let mut fewer = map.clone();
+        fewer.remove(&first);
+        let mut h = DrvHasher::from_map(sd(), &fewer);
+        let e = h.hash_modulo(&last, true).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("hash derivation modulo: reading input '/nix/store/")
+                && e.to_string().ends_with("-n0.drv': not found"),
+            "{e}"
+        );
     }
 
     #[test]
