@@ -3,6 +3,9 @@
 
 pub mod base32;
 pub mod db;
+pub mod drv;
+pub mod drv_json;
+pub mod drv_store;
 pub mod fsutil;
 pub mod hash;
 pub mod local;
