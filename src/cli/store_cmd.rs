@@ -13,7 +13,8 @@ const USAGE: &str = "Usage: hauberk store SUBCOMMAND ...
 
   add [--dry-run] [--name NAME] PATH...      add source paths, print their store paths
   add-fixed [--recursive] ALGO PATH...       add fixed-output paths
-  add-text --name NAME [--reference P]... FILE   add a text path ('-' reads stdin)
+  add-text [--dry-run] --name NAME [--reference P]... FILE
+                                             add a text path ('-' reads stdin)
   dump PATH                                  write PATH as a NAR to stdout
   restore PATH                               read a NAR from stdin into PATH
   hash-path [--type ALGO] [--base16|--base32|--sri] PATH...
@@ -154,10 +155,15 @@ fn add_text(g: &Global, args: &[String]) -> CliResult {
     let mut o = getopts::Options::new();
     o.reqopt("", "name", "store path name", "NAME");
     o.optmulti("", "reference", "a store path the text refers to", "PATH");
+    o.optflag(
+        "n",
+        "dry-run",
+        "print the store path without adding anything",
+    );
     let Some(m) = parse_opts(
         &mut o,
         args,
-        "Usage: hauberk store add-text --name NAME [--reference PATH]... FILE",
+        "Usage: hauberk store add-text [--dry-run] --name NAME [--reference PATH]... FILE",
     )?
     else {
         return Ok(0);
@@ -172,7 +178,12 @@ fn add_text(g: &Global, args: &[String]) -> CliResult {
         refs.insert(store.follow_to_store_path(&r)?);
     }
     let name = m.opt_str("name").unwrap_or_default();
-    let sp = store.add_text(&name, &contents, &refs)?;
+    let sp = if m.opt_present("dry-run") {
+        let h = crate::store::Hash::sha256(&contents);
+        store.store_dir().make_text_path(&name, &h, &refs)?
+    } else {
+        store.add_text(&name, &contents, &refs)?
+    };
     println!("{}", store.print(&sp));
     Ok(0)
 }
