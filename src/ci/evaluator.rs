@@ -234,7 +234,15 @@ impl JsonLines {
 }
 
 fn parse_json_line(bytes: &[u8], line: u64) -> Result<Option<Job>, EvalError> {
-    let text = bytes.trim_ascii();
+    let start = bytes
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(bytes.len());
+    let end = bytes
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .map_or(start, |i| i + 1);
+    let text = &bytes[start..end];
     if text.is_empty() {
         return Ok(None);
     }
