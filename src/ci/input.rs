@@ -370,10 +370,63 @@ fn check_transport(url: &str) -> Result<(), InputError> {
     Ok(())
 }
 
+/// Removes the `*.lock` files a killed git2 leaves in a repository (top level and
+/// `refs/`): with the cache's own lock held, none can belong to a live process.
+fn remove_stale_git_locks(dir: &Path) -> Result<(), InputError> {
+    fn walk(d: &Path, recurse: bool) -> Result<(), InputError> {
+        let rd = match fs::read_dir(d) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io_err("read directory", d)(e)),
+        };
+        for e in rd {
+            let e = e.map_err(io_err("read directory", d))?;
+            let p = e.path();
+            let ft = e.file_type().map_err(io_err("stat", &p))?;
+            if ft.is_dir() && recurse {
+                walk(&p, true)?;
+            } else if ft.is_file() && p.extension() == Some(OsStr::new("lock")) {
+                log::warn!("removing stale git lock {}", p.display());
+                fs::remove_file(&p).map_err(io_err("remove", &p))?;
+            }
+        }
+        Ok(())
+    }
+    walk(dir, false)?;
+    walk(&dir.join("refs"), true)
+}
+
+/// Removes scratch trees (`.tmp-PID-...`) left in the cache by dead `ci-fetch` processes.
+fn remove_dead_scratch(cache_dir: &Path) {
+    let Ok(rd) = fs::read_dir(cache_dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(".tmp-")) else {
+            continue;
+        };
+        let pid: i32 = rest
+            .split('-')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        let alive =
+            pid > 0 && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
+        if !alive {
+            log::info!("removing leftover scratch tree {}", e.path().display());
+            if let Err(err) = fsutil::delete_path(&e.path()) {
+                log::warn!("{err}");
+            }
+        }
+    }
+}
+
 /// Opens (creating it when needed) the cached bare repository of `url`. The caller holds
 /// the lock on it.
 fn open_cache(dir: &Path, url: &str) -> Result<Repository, InputError> {
     if dir.exists() {
+        remove_stale_git_locks(dir)?;
         match Repository::open_bare(dir) {
             Ok(r) => return Ok(r),
             Err(e) => {
@@ -592,6 +645,7 @@ pub fn compile(dir: &Path) -> Result<(), InputError> {
 /// compile. Paths are not printed here; see [`FetchResult`].
 pub fn run_fetch(req: &FetchRequest) -> Result<FetchResult, InputError> {
     req.validate()?;
+    remove_dead_scratch(&req.cache_dir);
     let (repo_dir, oid) = fetch(&req.cache_dir, &req.url, &req.git_ref)?;
     // The tree goes to the checkout, or to a scratch directory when only the store wants it.
     let scratch = req.checkout.is_none().then(|| {
@@ -794,6 +848,28 @@ mod tests {
             .unwrap();
         let e = run_fetch(&request(&url, GitRef::Branch("topic".into()), &cache, &co)).unwrap_err();
         assert!(e.to_string().contains("not found"), "{e}");
+    }
+
+    #[test]
+    fn locks_left_by_a_killed_fetch_are_removed() {
+        let t = TempDir::new("stale");
+        let up = t.0.join("upstream");
+        let repo = make_repo(&up);
+        let url = up.display().to_string();
+        let cache = t.0.join("cache");
+        let co = t.0.join("co");
+        run_fetch(&request(&url, GitRef::Branch("main".into()), &cache, &co)).unwrap();
+        let dir = cache.join(cache_key(&url));
+        fs::write(dir.join("refs/remotes/origin/main.lock"), "").unwrap();
+        fs::write(dir.join("packed-refs.lock"), "").unwrap();
+        let dead_scratch = cache.join(".tmp-999999999-x");
+        fs::create_dir(&dead_scratch).unwrap();
+        fs::write(up.join("README"), "changed\n").unwrap();
+        let second = commit_all(&repo, "second");
+        let r = run_fetch(&request(&url, GitRef::Branch("main".into()), &cache, &co)).unwrap();
+        assert_eq!(r.commit, second.to_string());
+        assert!(!dir.join("packed-refs.lock").exists());
+        assert!(!dead_scratch.exists());
     }
 
     #[test]
