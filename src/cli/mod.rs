@@ -1,7 +1,9 @@
 //! The command line: global options, sub-command dispatch and exit codes. Each command's
 //! module parses its own options and drives the library; none of the work lives here.
 
+mod ci_fetch_cmd;
 mod drv_cmd;
+mod eval_jobs_cmd;
 mod store_cmd;
 
 use std::ffi::OsString;
@@ -72,6 +74,8 @@ Commands:
                     the store: add paths, NAR, queries, verification
   drv add|show|path|outputs
                     derivations: add to the store, show as JSON, compute paths
+  eval-jobs         the built-in CI evaluator: a jobs file to .drv files and JSON lines
+  ci-fetch          (internal) fetch one CI input with git; run by the CI daemon
 
 Global options:
       --store-dir DIR   store directory (env HAUBERK_STORE_DIR; default /hauberk/store)
@@ -140,6 +144,8 @@ fn run(args: Vec<String>) -> CliResult {
     match cmd {
         "store" => store_cmd::run(&global, rest),
         "drv" => drv_cmd::run(&global, rest),
+        "eval-jobs" => eval_jobs_cmd::run(&global, rest),
+        "ci-fetch" => ci_fetch_cmd::run(&global, rest),
         other => Err(CliError::usage(format!("unknown command '{other}'"))),
     }
 }
