@@ -393,6 +393,11 @@ const MIGRATIONS: &[&str] = &[
 /// The current schema version.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
+/// The database's place under a state directory: `<state-dir>/ci/ci.sqlite`.
+pub fn default_database(state_dir: &Path) -> PathBuf {
+    state_dir.join("ci").join("ci.sqlite")
+}
+
 /// Seconds since the epoch.
 pub fn now() -> i64 {
     std::time::SystemTime::now()
