@@ -1158,6 +1158,33 @@ commit = 0123456789ABCDEF0123456789abcdef01234567
     }
 
     #[test]
+    fn documented_examples_parse() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let man = std::fs::read_to_string(root.join("man/hauberk.5")).unwrap();
+        let start = man.find(".SH EXAMPLE\n.nf\n").unwrap() + ".SH EXAMPLE\n.nf\n".len();
+        let len = man[start..].find("\n.fi\n").unwrap();
+        let example = man[start..start + len].replace("\\-", "-");
+        let specs = p(&example).unwrap();
+        assert_eq!(specs.len(), 2);
+        assert_eq!(specs[0].period, 300);
+        assert_eq!(specs[1].evaluator.protocol(), Protocol::NixEvalJobs);
+
+        let file = root.join("contrib/examples/specs.conf");
+        let specs = load(&file).unwrap();
+        assert_eq!(specs.len(), 1);
+        let s = &specs[0];
+        assert_eq!(s.name, "example");
+        assert_eq!(Path::new(&s.inputs[0].url), root);
+        assert_eq!(
+            s.evaluator,
+            Evaluator::Builtin {
+                input: "hauberk".into(),
+                jobs_file: "contrib/example-project/jobs.conf".into()
+            }
+        );
+    }
+
+    #[test]
     fn empty_file_has_no_specs() {
         assert_eq!(p("# nothing\n\n").unwrap(), vec![]);
     }
