@@ -42,10 +42,7 @@ pub fn run(g: &Global, args: &[String]) -> CliResult {
 
 fn not_a_query(args: &[String]) -> CliResult {
     match args.first().map(String::as_str) {
-        Some("-h") | Some("--help") => {
-            println!("{USAGE}");
-            Ok(0)
-        }
+        Some("-h") | Some("--help") => emit(&format!("{USAGE}\n")),
         Some(other) => Err(CliError::usage(format!(
             "unknown ci subcommand '{other}' (expected 'list' or 'show')\n{USAGE}"
         ))),
