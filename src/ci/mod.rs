@@ -1,5 +1,10 @@
-//! The CI side of hauberk: inputs fetched from git, evaluators and their protocols.
+//! The CI side of hauberk (Cuirass's job): specifications, git inputs, evaluators and their
+//! protocols, the CI database and the queries over it. Knows nothing of the store's formats
+//! beyond printed store paths, and nothing of how builds run.
 
+pub mod db;
 pub mod eval_jobs;
 pub mod evaluator;
 pub mod input;
+pub mod query;
+pub mod spec;

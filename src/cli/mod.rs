@@ -1,6 +1,7 @@
 //! The command line: global options, sub-command dispatch and exit codes. Each command's
 //! module parses its own options and drives the library; none of the work lives here.
 
+mod ci_cmd;
 mod ci_fetch_cmd;
 mod drv_cmd;
 mod eval_jobs_cmd;
@@ -76,6 +77,8 @@ Commands:
                     derivations: add to the store, show as JSON, compute paths
   eval-jobs         the built-in CI evaluator: a jobs file to .drv files and JSON lines
   ci-fetch          (internal) fetch one CI input with git; run by the CI daemon
+  ci list specs|evals|builds, ci show build ID|DRV
+                    the CI database: specifications, evaluations, builds
 
 Global options:
       --store-dir DIR   store directory (env HAUBERK_STORE_DIR; default /hauberk/store)
@@ -146,6 +149,7 @@ fn run(args: Vec<String>) -> CliResult {
         "drv" => drv_cmd::run(&global, rest),
         "eval-jobs" => eval_jobs_cmd::run(&global, rest),
         "ci-fetch" => ci_fetch_cmd::run(&global, rest),
+        "ci" => ci_cmd::run(&global, rest),
         other => Err(CliError::usage(format!("unknown command '{other}'"))),
     }
 }
