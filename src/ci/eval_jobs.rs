@@ -116,10 +116,7 @@ pub enum Outcome {
     Failed(String),
 }
 
-/// The system of this machine, as Nix names it (`x86_64-linux`).
-pub fn host_system() -> String {
-    format!("{}-{}", std::env::consts::ARCH, std::env::consts::OS)
-}
+pub use super::spec::host_system;
 
 // ---------------------------------------------------------------------------------------
 // Reading the file

@@ -42,30 +42,7 @@ pub struct Job {
     pub error: Option<String>,
 }
 
-/// Which protocol an evaluator speaks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Protocol {
-    JsonLines,
-    Sexp,
-}
-
-impl Protocol {
-    /// Names accepted in specifications: `json`/`nix-eval-jobs`, `sexp`/`cuirass`.
-    pub fn from_name(s: &str) -> Option<Protocol> {
-        match s {
-            "json" | "json-lines" | "nix-eval-jobs" => Some(Protocol::JsonLines),
-            "sexp" | "cuirass" | "guile" => Some(Protocol::Sexp),
-            _ => None,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Protocol::JsonLines => "nix-eval-jobs",
-            Protocol::Sexp => "cuirass",
-        }
-    }
-}
+pub use super::spec::Protocol;
 
 /// Errors of this module; each message names its operation and the output line.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -143,11 +120,11 @@ enum Inner {
 impl EvalParser {
     pub fn new(protocol: Protocol) -> EvalParser {
         let inner = match protocol {
-            Protocol::JsonLines => Inner::Json(JsonLines {
+            Protocol::NixEvalJobs => Inner::Json(JsonLines {
                 buf: Vec::new(),
                 line: 1,
             }),
-            Protocol::Sexp => Inner::Sexp(SexpReader::new()),
+            Protocol::Cuirass => Inner::Sexp(SexpReader::new()),
         };
         EvalParser {
             inner,
@@ -888,17 +865,17 @@ mod tests {
     #[test]
     fn json_lines_whole_and_at_every_chunk_boundary() {
         assert_eq!(
-            parse_all(Protocol::JsonLines, JSON).unwrap(),
+            parse_all(Protocol::NixEvalJobs, JSON).unwrap(),
             json_expected()
         );
-        for r in split_runs(Protocol::JsonLines, JSON) {
+        for r in split_runs(Protocol::NixEvalJobs, JSON) {
             assert_eq!(r.unwrap(), json_expected());
         }
     }
 
     #[test]
     fn json_jobs_come_out_as_soon_as_their_line_ends() {
-        let mut p = EvalParser::new(Protocol::JsonLines);
+        let mut p = EvalParser::new(Protocol::NixEvalJobs);
         let mut jobs = Vec::new();
         let first_nl = JSON.iter().position(|&b| b == b'\n').unwrap();
         p.feed(&JSON[..first_nl], &mut jobs).unwrap();
@@ -911,23 +888,23 @@ mod tests {
     #[test]
     fn json_last_line_without_newline_counts() {
         let data = br#"{"attr":"a","drvPath":"/nix/store/x-a.drv"}"#;
-        let jobs = parse_all(Protocol::JsonLines, data).unwrap();
+        let jobs = parse_all(Protocol::NixEvalJobs, data).unwrap();
         assert_eq!(jobs.len(), 1);
         assert_eq!(jobs[0].drv_path, "/nix/store/x-a.drv");
-        assert!(parse_all(Protocol::JsonLines, b"").unwrap().is_empty());
+        assert!(parse_all(Protocol::NixEvalJobs, b"").unwrap().is_empty());
     }
 
     #[test]
     fn json_garbage_names_line_and_excerpt() {
         let data = b"{\"attr\":\"a\",\"drvPath\":\"/x.drv\"}\nSegmentation fault (core dumped)\n";
-        for r in split_runs(Protocol::JsonLines, data) {
+        for r in split_runs(Protocol::NixEvalJobs, data) {
             let e = r.unwrap_err();
             let msg = e.to_string();
             assert!(msg.contains("line 2"), "{msg}");
             assert!(msg.contains("Segmentation fault"), "{msg}");
         }
         // A crash in the middle of a line: the partial line is garbage at the end.
-        let e = parse_all(Protocol::JsonLines, b"{\"attr\":\"a\",\"drvPa").unwrap_err();
+        let e = parse_all(Protocol::NixEvalJobs, b"{\"attr\":\"a\",\"drvPa").unwrap_err();
         assert!(e.to_string().contains("line 1"), "{e}");
         // Shapes that are JSON but not jobs.
         for (bad, what) in [
@@ -940,14 +917,14 @@ mod tests {
                 "not an object",
             ),
         ] {
-            let e = parse_all(Protocol::JsonLines, bad).unwrap_err();
+            let e = parse_all(Protocol::NixEvalJobs, bad).unwrap_err();
             assert!(e.to_string().contains(what), "{e}");
         }
     }
 
     #[test]
     fn json_errors_stick() {
-        let mut p = EvalParser::new(Protocol::JsonLines);
+        let mut p = EvalParser::new(Protocol::NixEvalJobs);
         let mut jobs = Vec::new();
         assert!(p.feed(b"garbage\n", &mut jobs).is_err());
         let again = p.feed(b"{\"attr\":\"a\",\"drvPath\":\"/x\"}\n", &mut jobs);
@@ -958,22 +935,22 @@ mod tests {
 
     #[test]
     fn json_error_line_without_attr_and_non_string_error() {
-        let jobs = parse_all(Protocol::JsonLines, b"{\"error\":{\"msg\":\"boom\"}}\n").unwrap();
+        let jobs = parse_all(Protocol::NixEvalJobs, b"{\"error\":{\"msg\":\"boom\"}}\n").unwrap();
         assert_eq!(jobs[0].name, "");
         assert_eq!(jobs[0].error.as_deref(), Some("{\"msg\":\"boom\"}"));
     }
 
     #[test]
     fn sexp_whole_and_at_every_chunk_boundary() {
-        assert_eq!(parse_all(Protocol::Sexp, SEXP).unwrap(), sexp_expected());
-        for r in split_runs(Protocol::Sexp, SEXP) {
+        assert_eq!(parse_all(Protocol::Cuirass, SEXP).unwrap(), sexp_expected());
+        for r in split_runs(Protocol::Cuirass, SEXP) {
             assert_eq!(r.unwrap(), sexp_expected());
         }
     }
 
     #[test]
     fn sexp_jobs_come_out_as_soon_as_their_alist_closes() {
-        let mut p = EvalParser::new(Protocol::Sexp);
+        let mut p = EvalParser::new(Protocol::Cuirass);
         let mut jobs = Vec::new();
         let end_first =
             SEXP.windows(10).position(|w| w == b"(#:ok? . #").unwrap() + b"(#:ok? . #t))".len();
@@ -988,19 +965,19 @@ mod tests {
     fn sexp_older_shape_with_evaluation_metadata_and_bare_lists() {
         let old = br#"(evaluation ((#:specification . "guix") (#:revision . "cabba3e"))
   (((#:job-name . "a") (#:derivation . "/gnu/store/a.drv"))))"#;
-        let jobs = parse_all(Protocol::Sexp, old).unwrap();
+        let jobs = parse_all(Protocol::Cuirass, old).unwrap();
         assert_eq!(jobs.len(), 1);
         assert_eq!(jobs[0].name, "a");
         let bare = br#"(((#:job-name . "b") (#:derivation . "/gnu/store/b.drv")))"#;
-        assert_eq!(parse_all(Protocol::Sexp, bare).unwrap()[0].name, "b");
+        assert_eq!(parse_all(Protocol::Cuirass, bare).unwrap()[0].name, "b");
         let none = b"(evaluation ())";
-        assert!(parse_all(Protocol::Sexp, none).unwrap().is_empty());
+        assert!(parse_all(Protocol::Cuirass, none).unwrap().is_empty());
     }
 
     #[test]
     fn sexp_incomplete_alists_are_failed_jobs() {
         let data = br#"(evaluation (((#:job-name . "a")) ((#:derivation . "/gnu/store/b.drv"))))"#;
-        let jobs = parse_all(Protocol::Sexp, data).unwrap();
+        let jobs = parse_all(Protocol::Cuirass, data).unwrap();
         assert_eq!(
             jobs[0].error.as_deref(),
             Some("job alist has no #:derivation")
@@ -1016,7 +993,7 @@ mod tests {
         // Ended half-way: the jobs read so far came out, then the error.
         let at = SEXP.windows(9).position(|w| w == b"; a comme").unwrap();
         let cut = &SEXP[..at];
-        let mut p = EvalParser::new(Protocol::Sexp);
+        let mut p = EvalParser::new(Protocol::Cuirass);
         let mut jobs = Vec::new();
         p.feed(cut, &mut jobs).unwrap();
         assert_eq!(jobs.len(), 1);
@@ -1042,12 +1019,12 @@ mod tests {
             (b"(\"abc", "a string opened at line 1"),
         ];
         for (data, what) in cases {
-            for r in split_runs(Protocol::Sexp, data) {
+            for r in split_runs(Protocol::Cuirass, data) {
                 let e = r.unwrap_err();
                 assert!(e.to_string().contains(what), "{data:?}: {e}");
             }
         }
-        let e = parse_all(Protocol::Sexp, b"(evaluation\n  (\n   #<unspecified>))").unwrap_err();
+        let e = parse_all(Protocol::Cuirass, b"(evaluation\n  (\n   #<unspecified>))").unwrap_err();
         assert!(e.to_string().contains("line 3"), "{e}");
         assert!(e.to_string().contains("#<unspecified>"), "{e}");
     }
@@ -1055,20 +1032,20 @@ mod tests {
     #[test]
     fn sexp_depth_is_bounded() {
         let deep = vec![b'('; MAX_DEPTH + 1];
-        let e = parse_all(Protocol::Sexp, &deep).unwrap_err();
+        let e = parse_all(Protocol::Cuirass, &deep).unwrap_err();
         assert!(e.to_string().contains("nested deeper"), "{e}");
     }
 
     #[test]
     fn protocol_names() {
         assert_eq!(
-            Protocol::from_name("nix-eval-jobs"),
-            Some(Protocol::JsonLines)
+            Protocol::parse("nix-eval-jobs"),
+            Some(Protocol::NixEvalJobs)
         );
-        assert_eq!(Protocol::from_name("cuirass"), Some(Protocol::Sexp));
-        assert_eq!(Protocol::from_name("xml"), None);
-        for p in [Protocol::JsonLines, Protocol::Sexp] {
-            assert_eq!(Protocol::from_name(p.name()), Some(p));
+        assert_eq!(Protocol::parse("cuirass"), Some(Protocol::Cuirass));
+        assert_eq!(Protocol::parse("xml"), None);
+        for p in [Protocol::NixEvalJobs, Protocol::Cuirass] {
+            assert_eq!(Protocol::parse(p.name()), Some(p));
         }
     }
 }

@@ -47,26 +47,7 @@ use crate::store::local::{AddMethod, LocalStore, StoreError};
 use crate::store::lock::{LockError, PathLock};
 use crate::store::path::check_name;
 
-/// Which revision of a repository an input follows.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum GitRef {
-    /// The tip of a branch of the remote (`refs/heads/NAME`; a `/` is part of the name).
-    Branch(String),
-    /// A tag (`refs/tags/NAME`), annotated or not.
-    Tag(String),
-    /// A commit id, full or an unambiguous prefix of at least 4 hex digits.
-    Commit(String),
-}
-
-impl GitRef {
-    fn describe(&self) -> String {
-        match self {
-            GitRef::Branch(b) => format!("branch '{b}'"),
-            GitRef::Tag(t) => format!("tag '{t}'"),
-            GitRef::Commit(c) => format!("commit '{c}'"),
-        }
-    }
-}
+pub use super::spec::GitRef;
 
 /// Where the child adds the tree: the store's directories, passed as global options.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -478,7 +459,7 @@ fn lookup_commit(repo: &Repository, id: &str) -> Option<Oid> {
 fn resolve(repo: &Repository, url: &str, r: &GitRef) -> Result<Oid, InputError> {
     let not_found = || InputError::NotFound {
         url: url.to_string(),
-        what: r.describe(),
+        what: format!("{} '{}'", r.kind(), r.value()),
     };
     let refname = match r {
         GitRef::Branch(b) => format!("refs/remotes/origin/{b}"),
@@ -508,7 +489,10 @@ pub fn fetch(cache_dir: &Path, url: &str, r: &GitRef) -> Result<(PathBuf, Oid), 
     log::info!("fetching {url} into {}", dir.display());
     fetch_all(&repo, url)?;
     let oid = resolve(&repo, url, r)?;
-    log::info!("{} of {url} is commit {oid}", r.describe());
+    log::info!(
+        "{} of {url} is commit {oid}",
+        format!("{} '{}'", r.kind(), r.value())
+    );
     Ok((dir, oid))
 }
 
