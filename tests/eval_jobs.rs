@@ -95,7 +95,7 @@ fn the_example_project_evaluates_to_two_derivations() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert_eq!(out.stdout.iter().filter(|&&b| b == b'\n').count(), 2);
-    let jobs: Vec<Job> = parse_all(Protocol::JsonLines, &out.stdout).unwrap();
+    let jobs: Vec<Job> = parse_all(Protocol::NixEvalJobs, &out.stdout).unwrap();
     assert_eq!(
         jobs.iter().map(|j| j.name.as_str()).collect::<Vec<_>>(),
         ["hello", "test"]
@@ -177,7 +177,7 @@ fn job_errors_are_lines_and_broken_files_fail() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let jobs = parse_all(Protocol::JsonLines, &out.stdout).unwrap();
+    let jobs = parse_all(Protocol::NixEvalJobs, &out.stdout).unwrap();
     let err = |name: &str| {
         jobs.iter()
             .find(|j| j.name == name)
@@ -264,7 +264,7 @@ fn two_inputs_and_a_system() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let jobs = parse_all(Protocol::JsonLines, &out.stdout).unwrap();
+    let jobs = parse_all(Protocol::NixEvalJobs, &out.stdout).unwrap();
     assert_eq!(jobs[0].system, "riscv64-linux");
     let drv = show(&t, &jobs[0].drv_path);
     let env = drv.get("env").unwrap();
@@ -345,7 +345,7 @@ fn ci_fetch_child_adds_the_checkout_and_eval_jobs_reads_it() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(
-        parse_all(Protocol::JsonLines, &out.stdout).unwrap().len(),
+        parse_all(Protocol::NixEvalJobs, &out.stdout).unwrap().len(),
         2
     );
 
