@@ -195,21 +195,26 @@ impl Spec {
     }
 
     /// The evaluator's command line with `%{NAME}` replaced by `checkout(NAME)`; for the
-    /// built-in evaluator, `[hauberk_exe, "eval-jobs", CHECKOUT/JOBS-FILE]`. `None` when
-    /// a named input has no checkout.
+    /// built-in evaluator, `hauberk [GLOBAL OPTIONS] eval-jobs --input NAME=DIR...
+    /// --jobs CHECKOUT/JOBS-FILE`, where `hauberk` is the words of `hauberk_cmd`. `None`
+    /// when a named input has no checkout.
     pub fn evaluator_argv(
         &self,
-        hauberk_exe: &str,
+        hauberk_cmd: &[String],
         checkout: impl Fn(&str) -> Option<String>,
     ) -> Option<Vec<String>> {
         match &self.evaluator {
             Evaluator::Builtin { input, jobs_file } => {
                 let dir = checkout(input)?;
-                Some(vec![
-                    hauberk_exe.to_string(),
-                    "eval-jobs".to_string(),
-                    format!("{}/{jobs_file}", dir.trim_end_matches('/')),
-                ])
+                let mut argv = hauberk_cmd.to_vec();
+                argv.push("eval-jobs".to_string());
+                for i in &self.inputs {
+                    argv.push("--input".to_string());
+                    argv.push(format!("{}={}", i.name, checkout(&i.name)?));
+                }
+                argv.push("--jobs".to_string());
+                argv.push(format!("{}/{jobs_file}", dir.trim_end_matches('/')));
+                Some(argv)
             }
             Evaluator::Command { argv, .. } => {
                 let mut out = Vec::with_capacity(argv.len());
@@ -1014,7 +1019,7 @@ commit = 0123456789ABCDEF0123456789abcdef01234567
             GitRef::Commit("0123456789abcdef0123456789abcdef01234567".into())
         );
         let argv = o
-            .evaluator_argv("/bin/hauberk", |n| {
+            .evaluator_argv(&["/bin/hauberk".to_string()], |n| {
                 (n == "src").then(|| "/co/src".to_string())
             })
             .unwrap();
@@ -1029,13 +1034,22 @@ commit = 0123456789ABCDEF0123456789abcdef01234567
             ]
         );
         let argv = h
-            .evaluator_argv("/bin/hauberk", |n| Some(format!("/co/{n}/")))
+            .evaluator_argv(&["/bin/hauberk".to_string()], |n| Some(format!("/co/{n}/")))
             .unwrap();
         assert_eq!(
             argv,
-            vec!["/bin/hauberk", "eval-jobs", "/co/ci/ci/jobs.conf"]
+            vec![
+                "/bin/hauberk",
+                "eval-jobs",
+                "--input",
+                "src=/co/src/",
+                "--input",
+                "ci=/co/ci/",
+                "--jobs",
+                "/co/ci/ci/jobs.conf"
+            ]
         );
-        assert_eq!(h.evaluator_argv("h", |_| None), None);
+        assert_eq!(h.evaluator_argv(&["h".to_string()], |_| None), None);
     }
 
     #[test]
