@@ -266,6 +266,21 @@ fn nix(tool: &str, args: &[&str], store_dir: Option<&Store>) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
+/// `hauberk store dump P`, which must succeed.
+fn hauberk_dump(p: &Path) -> Vec<u8> {
+    let out = Command::new(HAUBERK)
+        .args(["store", "dump", s(p)])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "hauberk store dump {}: {}",
+        p.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
 fn nix_dump(p: &Path) -> Vec<u8> {
     let out = Command::new("nix-store")
         .args(["--dump", s(p)])
@@ -574,13 +589,7 @@ fn dump_matches_nix_and_restore_round_trips() {
     symlink("target", &link).unwrap();
     let nix_ok = have_nix("store dump");
     for p in [&tree, &file, &link] {
-        let ours = hauberk(&["store", "dump", s(p)]);
-        assert_eq!(ours.code, Some(0), "{}", ours.stderr);
-        let nar = Command::new(HAUBERK)
-            .args(["store", "dump", s(p)])
-            .output()
-            .unwrap()
-            .stdout;
+        let nar = hauberk_dump(p);
         assert!(nar.starts_with(b"\x0d\0\0\0\0\0\0\0nix-archive-1"));
         if nix_ok {
             assert!(
@@ -596,11 +605,7 @@ fn dump_matches_nix_and_restore_round_trips() {
         ));
         let input = if nix_ok { nix_dump(p) } else { nar.clone() };
         hauberk_with_input(&strings(&["store", "restore", s(&dest)]), &input).ok();
-        let again = Command::new(HAUBERK)
-            .args(["store", "dump", s(&dest)])
-            .output()
-            .unwrap()
-            .stdout;
+        let again = hauberk_dump(&dest);
         assert!(
             again == input,
             "restore of {} does not dump back",
@@ -621,11 +626,7 @@ fn restore_rejects_bad_nar() {
     let t = TempDir::new("badnar");
     let src = t.join("src");
     write_mode(&src, b"contents\n", 0o644);
-    let good = Command::new(HAUBERK)
-        .args(["store", "dump", s(&src)])
-        .output()
-        .unwrap()
-        .stdout;
+    let good = hauberk_dump(&src);
     let mut bad_tag = good.clone();
     let pos = bad_tag.windows(7).position(|w| w == b"regular").unwrap();
     bad_tag[pos..pos + 7].copy_from_slice(b"regulaX");
@@ -738,12 +739,7 @@ fn query_text_graph() {
     assert_eq!(q("--valid", &[&a, &c]), lines(&[&a, &c]));
     for p in [&a, &b, &c] {
         assert_eq!(q("--hash", &[p]), nar_hash(Path::new(p)));
-        let nar_len = Command::new(HAUBERK)
-            .args(["store", "dump", p])
-            .output()
-            .unwrap()
-            .stdout
-            .len();
+        let nar_len = hauberk_dump(Path::new(p)).len();
         assert_eq!(q("--size", &[p]), nar_len.to_string());
     }
     // A symlink to a store path (a `result` link) is followed.
