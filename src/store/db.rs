@@ -134,10 +134,22 @@ impl StoreDb {
         let mut conn = Connection::open(file).map_err(sq("open database"))?;
         conn.busy_timeout(Duration::from_secs(60))
             .map_err(sq("configure database"))?;
-        conn.execute_batch(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;",
-        )
-        .map_err(sq("configure database"))?;
+        // Switching a new database to WAL can fail busy without calling the busy handler
+        // when other processes open it at the same moment: retry for the busy timeout.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            match conn.execute_batch(
+                "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;",
+            ) {
+                Err(e)
+                    if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy)
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                r => break r.map_err(sq("configure database"))?,
+            }
+        }
         migrate(&mut conn, file)?;
         Ok(StoreDb {
             conn,

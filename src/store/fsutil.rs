@@ -119,8 +119,13 @@ fn canon_rec(path: &Path, expected: Option<u32>, rep: &mut CanonReport) -> Resul
 }
 
 /// Deletes a file or tree, making read-only directories writable first. A missing path is
-/// not an error.
+/// not an error, nor is anything vanishing meanwhile (another process deleting the same
+/// tree, e.g. two commands removing a dead process's staging entry at once).
 pub fn delete_path(path: &Path) -> Result<(), FsError> {
+    let gone = |r: io::Result<()>, op| match r {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        r => r.map_err(fe(op, path)),
+    };
     let md = match fs::symlink_metadata(path) {
         Ok(md) => md,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -128,20 +133,23 @@ pub fn delete_path(path: &Path) -> Result<(), FsError> {
     };
     if md.is_dir() {
         if md.mode() & 0o700 != 0o700 {
-            fs::set_permissions(path, fs::Permissions::from_mode(0o755))
-                .map_err(fe("make writable", path))?;
+            gone(
+                fs::set_permissions(path, fs::Permissions::from_mode(0o755)),
+                "make writable",
+            )?;
         }
-        for e in fs::read_dir(path).map_err(fe("read directory", path))? {
+        let rd = match fs::read_dir(path) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(fe("read directory", path)(e)),
+        };
+        for e in rd {
             let e = e.map_err(fe("read directory", path))?;
             delete_path(&e.path())?;
         }
-        fs::remove_dir(path).map_err(fe("remove directory", path))
+        gone(fs::remove_dir(path), "remove directory")
     } else {
-        match fs::remove_file(path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(fe("remove", path)(e)),
-        }
+        gone(fs::remove_file(path), "remove")
     }
 }
 

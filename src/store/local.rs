@@ -10,6 +10,7 @@ use std::fs;
 use std::io::{self, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::db::{now, DbError, PathInfo, StoreDb};
 use super::fsutil::{self, FsError};
@@ -98,7 +99,6 @@ pub struct LocalStore {
     state: PathBuf,
     db: StoreDb,
     temp_roots: Option<TempRoots>,
-    staged: u64,
 }
 
 impl LocalStore {
@@ -116,7 +116,6 @@ impl LocalStore {
             state: state_dir.to_path_buf(),
             db,
             temp_roots: None,
-            staged: 0,
         };
         store.remove_dead_staging()?;
         Ok(store)
@@ -220,14 +219,16 @@ impl LocalStore {
     }
 
     /// A fresh staging name inside the store directory (same file system, so a rename
-    /// installs it). The caller creates it.
+    /// installs it). The caller creates it. The counter is process-wide, so a name that
+    /// exists already was left by a dead process that had our pid: it is removed.
     pub fn staging_path(&mut self) -> PathBuf {
-        self.staged += 1;
-        Path::new(self.dir.as_str()).join(format!(
-            "{STAGING_PREFIX}{}-{}",
-            std::process::id(),
-            self.staged
-        ))
+        static STAGED: AtomicU64 = AtomicU64::new(0);
+        let n = STAGED.fetch_add(1, Ordering::Relaxed) + 1;
+        let p = Path::new(self.dir.as_str())
+            .join(format!("{STAGING_PREFIX}{}-{n}", std::process::id()));
+        // Failing here shows as the caller's failure to create it.
+        let _ = fsutil::delete_path(&p);
+        p
     }
 
     fn remove_dead_staging(&self) -> Result<(), StoreError> {
@@ -244,9 +245,13 @@ impl LocalStore {
                 .next()
                 .and_then(|p| p.parse().ok())
                 .unwrap_or(0);
+            // EPERM means the process exists but is another user's: alive.
             let alive = pid > 0
                 && pid as u32 != std::process::id()
-                && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
+                && !matches!(
+                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+                    Err(nix::errno::Errno::ESRCH)
+                );
             if !alive && pid as u32 != std::process::id() {
                 log::info!("removing leftover staging entry {}", e.path().display());
                 fsutil::delete_path(&e.path())?;
