@@ -196,9 +196,13 @@ fn dump(args: &[String]) -> CliResult {
     if m.free.len() != 1 {
         return Err(CliError::usage("dump needs exactly one PATH"));
     }
+    let path = Path::new(&m.free[0]);
+    // Fail before writing anything when there is nothing to dump.
+    std::fs::symlink_metadata(path)
+        .map_err(|e| CliError::new(format!("dump {}: {e}", path.display())))?;
     let stdout = io::stdout();
     let mut w = BufWriter::with_capacity(256 * 1024, stdout.lock());
-    nar::dump_path(Path::new(&m.free[0]), &mut w)?;
+    nar::dump_path(path, &mut w)?;
     w.flush()
         .map_err(|e| CliError::new(format!("write standard output: {e}")))?;
     Ok(0)
