@@ -1,6 +1,7 @@
 //! The command line: global options, sub-command dispatch and exit codes. Each command's
 //! module parses its own options and drives the library; none of the work lives here.
 
+mod build_cmd;
 mod drv_cmd;
 mod store_cmd;
 
@@ -72,6 +73,8 @@ Commands:
                     the store: add paths, NAR, queries, verification
   drv add|show|path|outputs
                     derivations: add to the store, show as JSON, compute paths
+  build DRV...      realise derivations, print their output paths
+  log DRV|OUTPUT    print the build log of a derivation
 
 Global options:
       --store-dir DIR   store directory (env HAUBERK_STORE_DIR; default /hauberk/store)
@@ -140,6 +143,8 @@ fn run(args: Vec<String>) -> CliResult {
     match cmd {
         "store" => store_cmd::run(&global, rest),
         "drv" => drv_cmd::run(&global, rest),
+        "build" => build_cmd::build(&global, rest),
+        "log" => build_cmd::log(&global, rest),
         other => Err(CliError::usage(format!("unknown command '{other}'"))),
     }
 }
