@@ -11,7 +11,7 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::child::SpawnSpec;
+use super::child::{EnvVars, SpawnSpec};
 use super::graph::PathGraph;
 use crate::store::drv::Derivation;
 use crate::store::drv_store::read_store_derivation;
@@ -91,7 +91,7 @@ pub fn builder_env(
     ctx: &BuildContext<'_>,
     drv: &Derivation,
     build_dir: &Path,
-) -> Result<Vec<(Vec<u8>, Vec<u8>)>, BuilderError> {
+) -> Result<EnvVars, BuilderError> {
     let drv_name = ctx.store.print(ctx.drv_path);
     if drv.has_structured_attrs() {
         return Err(BuilderError::Refused {
@@ -163,7 +163,9 @@ fn export_references_graph(
     for pair in toks.chunks(2) {
         let name = String::from_utf8_lossy(pair[0]).into_owned();
         if name.is_empty() || name.contains('/') || name.starts_with('.') {
-            return Err(refused(format!("invalid file name '{name}' in 'exportReferencesGraph'")));
+            return Err(refused(format!(
+                "invalid file name '{name}' in 'exportReferencesGraph'"
+            )));
         }
         let text = String::from_utf8_lossy(pair[1]).into_owned();
         let p = ctx
@@ -171,7 +173,11 @@ fn export_references_graph(
             .store_dir()
             .parse_prefix(&text)
             .map(|(p, _)| p)
-            .map_err(|_| refused(format!("'exportReferencesGraph' contains a non-store path '{text}'")))?;
+            .map_err(|_| {
+                refused(format!(
+                    "'exportReferencesGraph' contains a non-store path '{text}'"
+                ))
+            })?;
         let id = ctx.graph.id(&p).filter(|i| inputs.contains(i)).ok_or_else(|| {
             refused(format!(
                 "cannot export references of path '{text}' because it is not in the input closure of the derivation"
@@ -181,8 +187,8 @@ fn export_references_graph(
         for i in ids.clone() {
             let path = ctx.graph.path(i);
             if path.is_derivation() {
-                let d = read_store_derivation(ctx.store, path)
-                    .map_err(|e| refused(e.to_string()))?;
+                let d =
+                    read_store_derivation(ctx.store, path).map_err(|e| refused(e.to_string()))?;
                 for o in d.outputs.values().filter_map(|o| o.path()) {
                     if let Some(oid) = ctx.graph.id(o) {
                         ids.extend(ctx.graph.closure(&[oid]));
@@ -213,11 +219,7 @@ fn export_references_graph(
 
 /// The spawn spec: argv[0] is the builder's base name, the working directory the build
 /// directory.
-pub fn spawn_spec(
-    drv: &Derivation,
-    env: Vec<(Vec<u8>, Vec<u8>)>,
-    build_dir: &Path,
-) -> SpawnSpec {
+pub fn spawn_spec(drv: &Derivation, env: Vec<(Vec<u8>, Vec<u8>)>, build_dir: &Path) -> SpawnSpec {
     use std::os::unix::ffi::OsStrExt;
     let program = PathBuf::from(std::ffi::OsStr::from_bytes(&drv.builder));
     let mut spec = SpawnSpec::new(program);

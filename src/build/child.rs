@@ -27,6 +27,9 @@ pub enum ChildSetup {
     Plain,
 }
 
+/// An environment: `(name, value)` pairs, raw bytes.
+pub type EnvVars = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// Everything needed to start a child.
 #[derive(Clone, Debug)]
 pub struct SpawnSpec {
@@ -35,7 +38,7 @@ pub struct SpawnSpec {
     /// argv, including argv[0].
     pub args: Vec<Vec<u8>>,
     /// The whole environment, `(name, value)`; nothing is inherited.
-    pub env: Vec<(Vec<u8>, Vec<u8>)>,
+    pub env: EnvVars,
     /// Working directory of the child; the parent's when `None`.
     pub cwd: Option<PathBuf>,
     /// Kill the child (SIGKILL) when the thread that started it dies.
@@ -203,7 +206,11 @@ fn child_fail(err_fd: RawFd, step: u32) -> ! {
 
 impl Child {
     /// Forks and execs `spec`, registering its output pipe with the reactor for `owner`.
-    pub fn spawn(spec: &SpawnSpec, reactor: &mut Reactor, owner: Owner) -> Result<Child, ChildError> {
+    pub fn spawn(
+        spec: &SpawnSpec,
+        reactor: &mut Reactor,
+        owner: Owner,
+    ) -> Result<Child, ChildError> {
         let program = spec.program.clone();
         let io_err = |op| {
             let program = program.clone();
@@ -378,7 +385,9 @@ impl Child {
 
     fn close_output(&mut self, reactor: &Reactor) {
         if let Some(fd) = self.out.take() {
-            let _ = reactor.registry().deregister(&mut SourceFd(&fd.as_raw_fd()));
+            let _ = reactor
+                .registry()
+                .deregister(&mut SourceFd(&fd.as_raw_fd()));
         }
     }
 
@@ -587,7 +596,8 @@ mod tests {
             r.add_timer(Instant::now() + Duration::from_millis(50), Owner::Worker, 0);
             wakes.clear();
             r.wait(&mut wakes, true).unwrap();
-            c.read_output(&r, &mut |d| out.extend_from_slice(d)).unwrap();
+            c.read_output(&r, &mut |d| out.extend_from_slice(d))
+                .unwrap();
         }
         let bg: i32 = std::fs::read_to_string(&pidfile)
             .unwrap()
@@ -604,7 +614,10 @@ mod tests {
                 .map(|s| !s.contains(") Z "))
                 .unwrap_or(false)
         {
-            assert!(t0.elapsed() < Duration::from_secs(5), "background child survived");
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "background child survived"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         std::fs::remove_dir_all(&dir).unwrap();

@@ -153,11 +153,19 @@ pub enum DrvState {
     /// The `.drv` file is not valid: waiting for its substitution goal.
     WaitingForDerivation,
     /// Waiting for substitution goals of the invalid outputs.
-    WaitingForSubstitutes { plan: Box<Plan>, pending: u32 },
+    WaitingForSubstitutes {
+        plan: Box<Plan>,
+        pending: u32,
+    },
     /// Waiting for the input goals.
-    WaitingForInputs { plan: Box<Plan>, pending: u32 },
+    WaitingForInputs {
+        plan: Box<Plan>,
+        pending: u32,
+    },
     /// Inputs valid; queued for a build slot.
-    WaitingForSlot { plan: Box<Plan> },
+    WaitingForSlot {
+        plan: Box<Plan>,
+    },
     /// Another process holds an output lock: retry at `retry_at`, then back off more.
     WaitingForLock {
         plan: Box<Plan>,
@@ -184,7 +192,9 @@ pub enum DrvState {
 pub enum SubstState {
     Init,
     /// Try the next substituter; `remaining` are still to try.
-    TryNext { remaining: Vec<String> },
+    TryNext {
+        remaining: Vec<String>,
+    },
     /// Waiting for the references the substitute needs.
     WaitingForReferences {
         substituter: String,
@@ -211,8 +221,14 @@ pub enum SubstState {
 
 #[derive(Debug)]
 pub enum GoalKind {
-    Derivation { drv_path: StorePath, state: DrvState },
-    Substitution { path: StorePath, state: SubstState },
+    Derivation {
+        drv_path: StorePath,
+        state: DrvState,
+    },
+    Substitution {
+        path: StorePath,
+        state: SubstState,
+    },
 }
 
 #[derive(Debug)]

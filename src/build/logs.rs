@@ -93,7 +93,9 @@ pub struct LogWriter {
 
 impl fmt::Debug for LogWriter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("LogWriter").field("path", &self.path).finish()
+        f.debug_struct("LogWriter")
+            .field("path", &self.path)
+            .finish()
     }
 }
 

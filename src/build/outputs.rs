@@ -48,9 +48,9 @@ pub fn check_outputs(f: &Finished<'_>, graph: &mut PathGraph) -> Result<Vec<Path
             Ok(md) => md,
             Err(_) => {
                 return Err(rejected(format!(
-                    "builder for '{drv_s}' failed to produce output path for output '{name}' at '{}'",
-                    real.display()
-                )))
+                "builder for '{drv_s}' failed to produce output path for output '{name}' at '{}'",
+                real.display()
+            )))
             }
         };
         if !md.file_type().is_symlink() && md.permissions().mode() & 0o022 != 0 {
@@ -79,7 +79,7 @@ pub fn check_outputs(f: &Finished<'_>, graph: &mut PathGraph) -> Result<Vec<Path
                 return Err(Failure::new(
                     FailureKind::HashMismatch,
                     format!(
-                        "hash mismatch in fixed-output derivation '{drv_s}':\n  specified: {}\n  got:       {}",
+                        "hash mismatch in fixed-output derivation '{drv_s}':\n  specified: {}\n     got:    {}",
                         hash.to_string_as(Encoding::Sri, true),
                         got.to_string_as(Encoding::Sri, true)
                     ),
@@ -119,7 +119,7 @@ pub fn check_outputs(f: &Finished<'_>, graph: &mut PathGraph) -> Result<Vec<Path
         if ca.is_some() && refs.iter().any(|r| r != path) {
             return Err(rejected(format!(
                 "fixed-output derivation '{drv_s}' produced output '{}' with references",
-                f.store.print(&path)
+                f.store.print(path)
             )));
         }
         result.push(PathInfo {

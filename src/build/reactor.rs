@@ -50,12 +50,7 @@ fn rerr(op: &'static str) -> impl FnOnce(io::Error) -> ReactorError {
 }
 
 /// The signals a command-line driver wants as loop events.
-pub const DRIVER_SIGNALS: [i32; 4] = [
-    libc::SIGCHLD,
-    libc::SIGINT,
-    libc::SIGTERM,
-    libc::SIGHUP,
-];
+pub const DRIVER_SIGNALS: [i32; 4] = [libc::SIGCHLD, libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
 
 const SIGNAL_TOKEN: Token = Token(0);
 

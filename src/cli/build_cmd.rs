@@ -121,7 +121,11 @@ impl Terminal {
                         } else {
                             format!("{} {}", u8::from(started), f.message)
                         };
-                        self.line(&format!("@ build-failed {} {} {what}", st.print(&drv), out(&o)));
+                        self.line(&format!(
+                            "@ build-failed {} {} {what}",
+                            st.print(&drv),
+                            out(&o)
+                        ));
                     }
                 }
             },
@@ -138,7 +142,11 @@ struct Target {
     outputs: Option<BTreeSet<String>>,
 }
 
-fn parse_target(g: &Global, store: &crate::store::local::LocalStore, arg: &str) -> Result<Target, CliError> {
+fn parse_target(
+    g: &Global,
+    store: &crate::store::local::LocalStore,
+    arg: &str,
+) -> Result<Target, CliError> {
     let (path, outs) = match arg.split_once('!') {
         Some((p, o)) => (p, Some(o.split(',').map(str::to_string).collect())),
         None => (arg, None),
@@ -156,16 +164,52 @@ fn parse_target(g: &Global, store: &crate::store::local::LocalStore, arg: &str) 
 
 pub fn build(g: &Global, args: &[String]) -> CliResult {
     let mut o = getopts::Options::new();
-    o.optopt("j", "max-jobs", "builds to run at once (default 1; 'auto': one per CPU)", "N");
-    o.optopt("", "cores", "NIX_BUILD_CORES for builders (default: CPUs)", "N");
-    o.optflag("k", "keep-going", "keep building what does not depend on a failure");
-    o.optopt("", "max-silent-time", "kill builders silent for S seconds", "S");
-    o.optopt("", "timeout", "kill builders running longer than S seconds", "S");
-    o.optflag("K", "keep-failed", "keep the build directory of failed builds");
-    o.optflag("", "cache-failures", "remember failed outputs and fail them at once");
+    o.optopt(
+        "j",
+        "max-jobs",
+        "builds to run at once (default 1; 'auto': one per CPU)",
+        "N",
+    );
+    o.optopt(
+        "",
+        "cores",
+        "NIX_BUILD_CORES for builders (default: CPUs)",
+        "N",
+    );
+    o.optflag(
+        "k",
+        "keep-going",
+        "keep building what does not depend on a failure",
+    );
+    o.optopt(
+        "",
+        "max-silent-time",
+        "kill builders silent for S seconds",
+        "S",
+    );
+    o.optopt(
+        "",
+        "timeout",
+        "kill builders running longer than S seconds",
+        "S",
+    );
+    o.optflag(
+        "K",
+        "keep-failed",
+        "keep the build directory of failed builds",
+    );
+    o.optflag(
+        "",
+        "cache-failures",
+        "remember failed outputs and fail them at once",
+    );
     o.optflag("", "print-build-trace", "print '@ build-started' ... lines");
     o.optflag("L", "print-build-logs", "copy builder output to stderr");
-    o.optflag("", "stats", "print goal count, memory and time to the first build");
+    o.optflag(
+        "",
+        "stats",
+        "print goal count, memory and time to the first build",
+    );
     let Some(m) = parse_opts(&mut o, args, BUILD_USAGE)? else {
         return Ok(0);
     };
@@ -173,23 +217,25 @@ pub fn build(g: &Global, args: &[String]) -> CliResult {
         return Err(CliError::usage("build needs at least one DRV"));
     }
     let t0 = Instant::now();
-    let mut cfg = WorkerConfig::default();
-    cfg.max_jobs = match m.opt_str("max-jobs").as_deref() {
-        Some("auto") => nproc(),
-        Some(_) => parse_num(&m, "max-jobs")?.unwrap_or(1),
-        None => 1,
-    };
-    cfg.cores = match parse_num::<u32>(&m, "cores")? {
-        Some(0) | None => nproc(),
-        Some(n) => n,
-    };
-    cfg.keep_going = m.opt_present("keep-going");
     let secs = |v: Option<u64>| v.filter(|s| *s > 0).map(Duration::from_secs);
-    cfg.max_silent_time = secs(parse_num(&m, "max-silent-time")?);
-    cfg.timeout = secs(parse_num(&m, "timeout")?);
-    cfg.keep_failed = m.opt_present("keep-failed");
-    cfg.cache_failures = m.opt_present("cache-failures");
-    cfg.echo_output = m.opt_present("print-build-logs");
+    let cfg = WorkerConfig {
+        max_jobs: match m.opt_str("max-jobs").as_deref() {
+            Some("auto") => nproc(),
+            Some(_) => parse_num(&m, "max-jobs")?.unwrap_or(1),
+            None => 1,
+        },
+        cores: match parse_num::<u32>(&m, "cores")? {
+            Some(0) | None => nproc(),
+            Some(n) => n,
+        },
+        keep_going: m.opt_present("keep-going"),
+        max_silent_time: secs(parse_num(&m, "max-silent-time")?),
+        timeout: secs(parse_num(&m, "timeout")?),
+        keep_failed: m.opt_present("keep-failed"),
+        cache_failures: m.opt_present("cache-failures"),
+        echo_output: m.opt_present("print-build-logs"),
+        ..WorkerConfig::default()
+    };
     let store = g.open_store()?;
     let targets: Vec<Target> = m
         .free
@@ -254,9 +300,10 @@ pub fn build(g: &Global, args: &[String]) -> CliResult {
                         .map_err(|e| CliError::new(format!("write standard output: {e}")))?;
                 }
             }
-            Some(Outcome::Failed(_)) | None => {
-                failed.push(format!("'{}'", worker.store().print(worker.goal(*id).path())))
-            }
+            Some(Outcome::Failed(_)) | None => failed.push(format!(
+                "'{}'",
+                worker.store().print(worker.goal(*id).path())
+            )),
         }
     }
     if failed.is_empty() {
@@ -297,7 +344,10 @@ pub fn log(g: &Global, args: &[String]) -> CliResult {
             .query_path_info(&p)?
             .and_then(|i| i.deriver)
             .ok_or_else(|| {
-                CliError::new(format!("build log of '{}' is not available", store.print(&p)))
+                CliError::new(format!(
+                    "build log of '{}' is not available",
+                    store.print(&p)
+                ))
             })?
     };
     let file = log_path(store.state_dir(), &drv);

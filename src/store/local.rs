@@ -425,7 +425,9 @@ impl LocalStore {
         let f = fs::File::open(dir).map_err(io_err("open store directory", dir))?;
         // SAFETY: syncfs on a descriptor we own.
         if unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&f)) } != 0 {
-            return Err(io_err("sync file system of", dir)(io::Error::last_os_error()));
+            return Err(io_err("sync file system of", dir)(
+                io::Error::last_os_error(),
+            ));
         }
         self.db.register(infos, drv_outputs)?;
         Ok(())
