@@ -191,6 +191,72 @@ fn set_nonblocking(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
+const CHILD_STACK: usize = 128 * 1024;
+
+/// What the child needs, prepared before clone (no allocation in the child).
+struct ChildArgs {
+    prog: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+    cwd: *const libc::c_char,
+    devnull: *const libc::c_char,
+    out_w: RawFd,
+    err_w: RawFd,
+    die_with_parent: bool,
+    parent: libc::pid_t,
+}
+
+/// The child between clone and exec: only async-signal-safe system calls.
+extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` points to the parent's ChildArgs, alive while the parent waits.
+    let a = unsafe { &*(arg as *const ChildArgs) };
+    let (w, e) = (a.out_w, a.err_w);
+    // SAFETY: system calls on descriptors and strings prepared by the parent.
+    unsafe {
+        // No parent handler may run here: default every signal, then unblock.
+        for sig in 1..libc::SIGRTMAX() {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+        }
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+        if a.die_with_parent {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            if libc::getppid() != a.parent {
+                libc::_exit(127);
+            }
+        }
+        if libc::setsid() < 0 {
+            child_fail(e, 0);
+        }
+        if libc::dup2(w, 1) < 0 || libc::dup2(w, 2) < 0 {
+            child_fail(e, 1);
+        }
+        let null = libc::open(a.devnull, libc::O_RDWR);
+        if null < 0 || libc::dup2(null, 0) < 0 {
+            child_fail(e, 2);
+        }
+        if null > 2 {
+            libc::close(null);
+        }
+        if !a.cwd.is_null() && libc::chdir(a.cwd) < 0 {
+            child_fail(e, 3);
+        }
+        libc::umask(0o022);
+        // Whatever else is open (other builders' pipes, databases) must not leak.
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        );
+        libc::execve(a.prog, a.argv, a.envp);
+        child_fail(e, 4)
+    }
+}
+
 /// Reports a failed step to the parent and exits. Async-signal-safe.
 fn child_fail(err_fd: RawFd, step: u32) -> ! {
     // SAFETY: only async-signal-safe calls on plain memory.
@@ -252,65 +318,49 @@ impl Child {
             .registry()
             .register(&mut SourceFd(&out_r.as_raw_fd()), token, Interest::READABLE)
             .map_err(io_err("register output pipe of"))?;
-        let parent = std::process::id() as libc::pid_t;
-        let (w, e) = (out_w.as_raw_fd(), err_w.as_raw_fd());
-        let die = spec.die_with_parent;
-        match &spec.setup {
-            ChildSetup::Plain => {}
-        }
-        // SAFETY: the child only makes async-signal-safe calls on memory prepared above.
-        let pid = unsafe { libc::fork() };
-        if pid < 0 {
+        let args = ChildArgs {
+            prog: prog_c.as_ptr(),
+            argv: argv.as_ptr(),
+            envp: envp.as_ptr(),
+            cwd: cwd_c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
+            devnull: devnull.as_ptr(),
+            out_w: out_w.as_raw_fd(),
+            err_w: err_w.as_raw_fd(),
+            die_with_parent: spec.die_with_parent,
+            parent: std::process::id() as libc::pid_t,
+        };
+        let flags = match &spec.setup {
+            // vfork semantics: no page-table copy, the parent waits only until exec.
+            ChildSetup::Plain => libc::CLONE_VM | libc::CLONE_VFORK,
+        };
+        let mut stack = vec![0u8; CHILD_STACK];
+        // SAFETY: the stack top is inside `stack` and 16-byte aligned; all signals are
+        // blocked around clone so no handler runs in the child before it resets them;
+        // `args` and everything it points to outlive the child's use (the parent is
+        // suspended until the child execs or exits).
+        let pid = unsafe {
+            let top = stack.as_mut_ptr().add(CHILD_STACK) as usize & !15;
+            let mut all: libc::sigset_t = std::mem::zeroed();
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            libc::sigfillset(&mut all);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+            let pid = libc::clone(
+                child_main,
+                top as *mut libc::c_void,
+                flags | libc::SIGCHLD,
+                &args as *const ChildArgs as *mut libc::c_void,
+            );
             let err = io::Error::last_os_error();
-            let _ = reactor
-                .registry()
-                .deregister(&mut SourceFd(&out_r.as_raw_fd()));
-            return Err(io_err("fork for")(err));
-        }
-        if pid == 0 {
-            // SAFETY: async-signal-safe calls only; every pointer was prepared before fork.
-            unsafe {
-                if die {
-                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                    if libc::getppid() != parent {
-                        libc::_exit(127);
-                    }
-                }
-                if libc::setsid() < 0 {
-                    child_fail(e, 0);
-                }
-                if libc::dup2(w, 1) < 0 || libc::dup2(w, 2) < 0 {
-                    child_fail(e, 1);
-                }
-                let null = libc::open(devnull.as_ptr(), libc::O_RDWR);
-                if null < 0 || libc::dup2(null, 0) < 0 {
-                    child_fail(e, 2);
-                }
-                if null > 2 {
-                    libc::close(null);
-                }
-                if let Some(d) = &cwd_c {
-                    if libc::chdir(d.as_ptr()) < 0 {
-                        child_fail(e, 3);
-                    }
-                }
-                // Default signal handling: Rust ignores SIGPIPE, signal-hook may block none.
-                libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-                let mut set: libc::sigset_t = std::mem::zeroed();
-                libc::sigemptyset(&mut set);
-                libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
-                libc::umask(0o022);
-                // Whatever else is open (other builders' pipes, databases) must not leak.
-                libc::syscall(
-                    libc::SYS_close_range,
-                    3u32,
-                    u32::MAX,
-                    libc::CLOSE_RANGE_CLOEXEC,
-                );
-                libc::execve(prog_c.as_ptr(), argv.as_ptr(), envp.as_ptr());
-                child_fail(e, 4);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+            if pid < 0 {
+                let _ = reactor
+                    .registry()
+                    .deregister(&mut SourceFd(&out_r.as_raw_fd()));
+                return Err(io_err("start")(err));
             }
-        }
+            pid
+        };
+        drop(stack);
         drop(out_w);
         drop(err_w);
         Ok(Child {

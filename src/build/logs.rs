@@ -84,9 +84,14 @@ impl Tail {
     }
 }
 
-/// A log being written.
+/// A bzip2 stream with no data (what an empty log compresses to).
+const EMPTY_BZ2: &[u8] = b"BZh9\x17\x72\x45\x38\x50\x90\x00\x00\x00\x00";
+
+/// A log being written. The compressor (and its buffers) exists only once the builder
+/// writes something: most builders of large graphs print nothing.
 pub struct LogWriter {
     path: PathBuf,
+    file: Option<File>,
     enc: Option<BzEncoder<File>>,
     pub tail: Tail,
 }
@@ -113,7 +118,8 @@ impl LogWriter {
         }
         let f = File::create(&path).map_err(e("create log file", &path))?;
         Ok(LogWriter {
-            enc: Some(BzEncoder::new(f, Compression::fast())),
+            file: Some(f),
+            enc: None,
             path,
             tail: Tail::default(),
         })
@@ -125,6 +131,9 @@ impl LogWriter {
 
     pub fn write(&mut self, data: &[u8]) -> Result<(), LogError> {
         self.tail.push(data);
+        if let Some(f) = self.file.take() {
+            self.enc = Some(BzEncoder::new(f, Compression::fast()));
+        }
         if let Some(enc) = self.enc.as_mut() {
             enc.write_all(data).map_err(|err| LogError {
                 op: "write log file",
@@ -137,6 +146,13 @@ impl LogWriter {
 
     /// Finishes the compressed stream.
     pub fn close(&mut self) -> Result<(), LogError> {
+        if let Some(mut f) = self.file.take() {
+            f.write_all(EMPTY_BZ2).map_err(|err| LogError {
+                op: "write log file",
+                path: self.path.clone(),
+                err,
+            })?;
+        }
         if let Some(enc) = self.enc.take() {
             enc.finish().map_err(|err| LogError {
                 op: "close log file",
@@ -187,10 +203,14 @@ mod tests {
     fn write_and_read_back() {
         let dir = std::env::temp_dir().join(format!("hauberk-logs-{}", std::process::id()));
         let drv = StorePath::from_base_name("3p0jy5ma51afh97jdkal0r83ipzs9l37-x.drv").unwrap();
-        let mut w = LogWriter::create(&dir, &drv).unwrap();
+        let w = LogWriter::create(&dir, &drv).unwrap();
         assert!(w
             .path()
             .ends_with("log/drvs/3p/0jy5ma51afh97jdkal0r83ipzs9l37-x.drv.bz2"));
+        let mut empty = LogWriter::create(&dir, &drv).unwrap();
+        empty.close().unwrap();
+        assert_eq!(read_log(empty.path()).unwrap(), b"");
+        let mut w = LogWriter::create(&dir, &drv).unwrap();
         w.write(b"hello\n").unwrap();
         w.write(b"world\n").unwrap();
         w.close().unwrap();

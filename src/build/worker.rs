@@ -171,6 +171,11 @@ pub struct Progress {
 }
 
 const LOCK_BACKOFF_START: Duration = Duration::from_millis(20);
+/// How long finished outputs may wait to be registered together (one syncfs, one
+/// transaction) while other builds keep the slots busy.
+const REGISTER_WINDOW: Duration = Duration::from_millis(20);
+/// The timer key that wakes the loop when the registration window closes.
+const REGISTER_KEY: u64 = u64::MAX;
 const LOCK_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 pub struct Worker {
@@ -187,6 +192,8 @@ pub struct Worker {
     running: Vec<(GoalId, Token)>,
     by_token: HashMap<Token, GoalId>,
     to_register: Vec<GoalId>,
+    /// When the oldest output waiting for registration finished.
+    register_since: Option<Instant>,
     timers: Vec<(Instant, u64)>,
     graph: PathGraph,
     events: Vec<WorkerEvent>,
@@ -217,6 +224,7 @@ impl Worker {
             running: Vec::new(),
             by_token: HashMap::new(),
             to_register: Vec::new(),
+            register_since: None,
             timers: Vec::new(),
             graph: PathGraph::default(),
             events: Vec::new(),
@@ -315,7 +323,7 @@ impl Worker {
     /// `step` has work to do right now (so the driver must not block in the reactor).
     pub fn next_step_needed(&self) -> bool {
         !self.awake.is_empty()
-            || !self.to_register.is_empty()
+            || self.registration_due()
             || !self.timers.is_empty()
             || (!self.should_stop() && self.has_free_slot(false) && !self.slot_queue.is_empty())
     }
@@ -326,6 +334,7 @@ impl Worker {
         !self.is_idle()
             && !self.next_step_needed()
             && self.running.is_empty()
+            && self.to_register.is_empty()
             && self.counts[Phase::WaitingForLock as usize] == 0
     }
 
@@ -346,6 +355,18 @@ impl Worker {
         } else {
             1
         }
+    }
+
+    /// Register now: the window closed, or nothing else keeps the slots busy (so someone
+    /// may be waiting for these outputs), or the run is stopping.
+    fn registration_due(&self) -> bool {
+        !self.to_register.is_empty()
+            && (self
+                .register_since
+                .map_or(true, |t| t.elapsed() >= REGISTER_WINDOW)
+                || self.running.is_empty()
+                || self.counts[Phase::WaitingForSlot as usize] == 0
+                || self.should_stop())
     }
 
     fn has_free_slot(&self, prefer_local: bool) -> bool {
@@ -458,7 +479,14 @@ impl Worker {
                     self.timers.push((now + t, TimerKind::Timeout.key(id)));
                 }
             }
-            NewState::Drv(DrvState::Registering { .. }) => self.to_register.push(id),
+            NewState::Drv(DrvState::Registering { .. }) => {
+                if self.to_register.is_empty() {
+                    let now = Instant::now();
+                    self.register_since = Some(now);
+                    self.timers.push((now + REGISTER_WINDOW, REGISTER_KEY));
+                }
+                self.to_register.push(id)
+            }
             NewState::Drv(
                 DrvState::Init
                 | DrvState::WaitingForDerivation
@@ -609,7 +637,9 @@ impl Worker {
     /// Runs awake goals (a bounded number), registers finished outputs, starts builds in
     /// free slots and arms timers.
     pub fn step(&mut self, reactor: &mut Reactor) {
-        self.flush_registrations();
+        if self.registration_due() {
+            self.flush_registrations();
+        }
         let mut budget = self.cfg.step_budget.max(1);
         while budget > 0 {
             // Start builds first: a free slot should not wait for graph loading.
@@ -620,6 +650,9 @@ impl Worker {
             budget -= 1;
         }
         self.start_builds(reactor);
+        if self.registration_due() {
+            self.flush_registrations();
+        }
         self.flush_timers(reactor);
     }
 
@@ -1322,6 +1355,7 @@ impl Worker {
             return;
         }
         let ids = std::mem::take(&mut self.to_register);
+        self.register_since = None;
         let mut infos = Vec::new();
         let mut drv_outputs = Vec::new();
         for &id in &ids {
