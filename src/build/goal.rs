@@ -182,6 +182,8 @@ pub enum DrvState {
         plan: Box<Plan>,
         locks: PathLocks,
         infos: Vec<PathInfo>,
+        /// Files, directories and symlinks in the outputs (picks the sync method).
+        entries: u64,
     },
     Done(Outcome),
 }

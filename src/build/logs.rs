@@ -113,10 +113,16 @@ impl LogWriter {
             let path = path.to_path_buf();
             move |err| LogError { op, path, err }
         };
-        if let Some(dir) = path.parent() {
-            fs::create_dir_all(dir).map_err(e("create log directory", dir))?;
-        }
-        let f = File::create(&path).map_err(e("create log file", &path))?;
+        let f = match File::create(&path) {
+            Ok(f) => f,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {
+                if let Some(dir) = path.parent() {
+                    fs::create_dir_all(dir).map_err(e("create log directory", dir))?;
+                }
+                File::create(&path).map_err(e("create log file", &path))?
+            }
+            Err(err) => return Err(e("create log file", &path)(err)),
+        };
         Ok(LogWriter {
             file: Some(f),
             enc: None,

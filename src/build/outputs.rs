@@ -38,9 +38,14 @@ fn misc(msg: String) -> Failure {
 
 /// Checks, canonicalises and scans every output; the graph learns nothing yet (the caller
 /// adds the paths once they are registered).
-pub fn check_outputs(f: &Finished<'_>, graph: &mut PathGraph) -> Result<Vec<PathInfo>, Failure> {
+/// Returns the path infos and how many files, directories and symlinks the outputs have.
+pub fn check_outputs(
+    f: &Finished<'_>,
+    graph: &mut PathGraph,
+) -> Result<(Vec<PathInfo>, u64), Failure> {
     let drv_s = f.store.print(f.drv_path);
     let mut scanned = Vec::with_capacity(f.outputs.len());
+    let mut entries = 0;
     let out_ids: Vec<u32> = f.outputs.iter().map(|(_, p)| graph.intern(p)).collect();
     for (name, path) in f.outputs {
         let real = f.store.real_path(path);
@@ -87,7 +92,9 @@ pub fn check_outputs(f: &Finished<'_>, graph: &mut PathGraph) -> Result<Vec<Path
             }
             ca = Some(ca_text.unwrap_or_else(|| fixed_ca(ingest, hash)));
         }
-        fsutil::canonicalise(&real, None).map_err(|e| misc(e.to_string()))?;
+        entries += fsutil::canonicalise(&real, None)
+            .map_err(|e| misc(e.to_string()))?
+            .entries;
         let scan = nar_hash_and_refs_with(&real, RefScanSink::with_candidates(graph.candidates()))
             .map_err(|e| misc(e.to_string()))?;
         scanned.push((path, scan, ca));
@@ -134,7 +141,7 @@ pub fn check_outputs(f: &Finished<'_>, graph: &mut PathGraph) -> Result<Vec<Path
         });
     }
     check_reference_attrs(f, graph, &result)?;
-    Ok(result)
+    Ok((result, entries))
 }
 
 /// Parses `allowedReferences`-style specifiers: store paths or output names.

@@ -24,7 +24,7 @@ use super::reactor::{Owner, Reactor};
 use crate::store::drv::Derivation;
 use crate::store::drv_store::read_store_derivation;
 use crate::store::fsutil;
-use crate::store::local::LocalStore;
+use crate::store::local::{LocalStore, OutputSync};
 use crate::store::lock::PathLocks;
 use crate::store::StorePath;
 
@@ -174,6 +174,8 @@ const LOCK_BACKOFF_START: Duration = Duration::from_millis(20);
 /// How long finished outputs may wait to be registered together (one syncfs, one
 /// transaction) while other builds keep the slots busy.
 const REGISTER_WINDOW: Duration = Duration::from_millis(20);
+/// Batches with at most this many files are fsynced file by file instead of syncfs.
+const SYNC_FILES_MAX: u64 = 8;
 /// The timer key that wakes the loop when the registration window closes.
 const REGISTER_KEY: u64 = u64::MAX;
 const LOCK_BACKOFF_MAX: Duration = Duration::from_secs(1);
@@ -357,15 +359,13 @@ impl Worker {
         }
     }
 
-    /// Register now: the window closed, or nothing else keeps the slots busy (so someone
-    /// may be waiting for these outputs), or the run is stopping.
+    /// Register now: the window closed, or no build runs, or the run is stopping.
     fn registration_due(&self) -> bool {
         !self.to_register.is_empty()
             && (self
                 .register_since
                 .map_or(true, |t| t.elapsed() >= REGISTER_WINDOW)
                 || self.running.is_empty()
-                || self.counts[Phase::WaitingForSlot as usize] == 0
                 || self.should_stop())
     }
 
@@ -430,6 +430,9 @@ impl Worker {
     /// Makes `waiter` wait for `waitee`; returns whether it is still pending (a finished
     /// waitee counts at once).
     fn add_waitee(&mut self, waiter: GoalId, waitee: GoalId) -> bool {
+        if self.phases[waitee.index()] == Phase::Registering {
+            return false;
+        }
         match self.goals[waitee.index()].outcome() {
             Some(o) => {
                 if !o.is_success() {
@@ -525,6 +528,10 @@ impl Worker {
         };
         if let Some(outcome) = done {
             self.goal_done(id, outcome);
+        } else if new_phase == Phase::Registering {
+            // Outputs are complete on disk and known to the graph: dependents may build
+            // now; they are registered in the same or a later batch, never earlier.
+            self.notify_waiters(id, true);
         }
     }
 
@@ -539,13 +546,19 @@ impl Worker {
                 _ => {}
             }
         }
-        let g = &mut self.goals[id.index()];
-        let waiters = std::mem::take(&mut g.waiters);
+        let g = &self.goals[id.index()];
         if g.top_level {
             self.top_busy -= 1;
             self.events
                 .push(WorkerEvent::GoalFinished { goal: id, outcome });
         }
+        self.notify_waiters(id, success);
+    }
+
+    /// Tells the goals waiting for `id` that it ended (or that its outputs are complete
+    /// and usable, while their registration waits for the next batch).
+    fn notify_waiters(&mut self, id: GoalId, success: bool) {
+        let waiters = std::mem::take(&mut self.goals[id.index()].waiters);
         for w in waiters {
             let keep_going = self.cfg.keep_going;
             let wg = &mut self.goals[w.index()];
@@ -1176,6 +1189,22 @@ impl Worker {
         }
     }
 
+    /// The outputs of a derivation goal that succeeded or whose outputs are complete and
+    /// waiting for registration.
+    fn realised_outputs(&self, id: GoalId) -> Option<Box<[(Box<str>, StorePath)]>> {
+        match &self.goals[id.index()].kind {
+            GoalKind::Derivation {
+                state: DrvState::Registering { plan, .. },
+                ..
+            } => Some(plan.outputs.clone()),
+            GoalKind::Derivation {
+                state: DrvState::Done(Outcome::Success { outputs, .. }),
+                ..
+            } => Some(outputs.clone()),
+            GoalKind::Derivation { .. } | GoalKind::Substitution { .. } => None,
+        }
+    }
+
     /// The graph ids of the input paths: wanted outputs of input derivations and sources.
     fn input_roots(&mut self, drv: &Derivation) -> Result<Vec<u32>, Failure> {
         let mut roots = Vec::new();
@@ -1183,10 +1212,7 @@ impl Worker {
             let outputs = self
                 .drv_goals
                 .get(input)
-                .and_then(|g| match self.goals[g.index()].outcome() {
-                    Some(Outcome::Success { outputs, .. }) => Some(outputs.clone()),
-                    Some(Outcome::Failed(_)) | None => None,
-                })
+                .and_then(|g| self.realised_outputs(*g))
                 .ok_or_else(|| {
                     io_msg(format!(
                         "input derivation '{}' was not built",
@@ -1338,10 +1364,21 @@ impl Worker {
             input_roots: &input_roots,
         };
         match check_outputs(&finished, &mut self.graph) {
-            Ok(infos) => self.transition(
-                id,
-                NewState::Drv(DrvState::Registering { plan, locks, infos }),
-            ),
+            Ok((infos, entries)) => {
+                for i in &infos {
+                    let refs: Vec<StorePath> = i.references.iter().cloned().collect();
+                    self.graph.add_registered(&i.path, &refs);
+                }
+                self.transition(
+                    id,
+                    NewState::Drv(DrvState::Registering {
+                        plan,
+                        locks,
+                        infos,
+                        entries,
+                    }),
+                )
+            }
             Err(f) => {
                 drop(locks);
                 self.fail_build(id, main_output(&plan), f, Some(tail))
@@ -1358,25 +1395,40 @@ impl Worker {
         self.register_since = None;
         let mut infos = Vec::new();
         let mut drv_outputs = Vec::new();
+        let mut entries = 0;
         for &id in &ids {
             let drv_path = self.drv_path(id);
             if let GoalKind::Derivation {
-                state: DrvState::Registering { plan, infos: i, .. },
+                state:
+                    DrvState::Registering {
+                        plan,
+                        infos: i,
+                        entries: n,
+                        ..
+                    },
                 ..
             } = &self.goals[id.index()].kind
             {
+                entries += n;
                 infos.extend(i.iter().cloned());
                 for (n, p) in plan.outputs.iter() {
                     drv_outputs.push((drv_path.clone(), n.to_string(), p.clone()));
                 }
             }
         }
-        let result = self.store.register_built_batch(&infos, &drv_outputs);
+        // A few fsyncs beat a syncfs of a busy file system; many do not.
+        let sync = if entries <= SYNC_FILES_MAX {
+            OutputSync::Files
+        } else {
+            OutputSync::FileSystem
+        };
+        let result = self.store.register_built_batch(&infos, &drv_outputs, sync);
         for id in ids {
             let DrvState::Registering {
                 plan,
                 mut locks,
                 infos,
+                ..
             } = self.take_drv_state(id)
             else {
                 continue;
@@ -1384,10 +1436,7 @@ impl Worker {
             let drv = self.drv_path(id);
             match &result {
                 Ok(()) => {
-                    for i in &infos {
-                        let refs: Vec<StorePath> = i.references.iter().cloned().collect();
-                        self.graph.add_registered(&i.path, &refs);
-                    }
+                    drop(infos);
                     locks.set_delete_on_release();
                     drop(locks);
                     self.events.push(WorkerEvent::BuildFinished {
