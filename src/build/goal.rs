@@ -70,12 +70,15 @@ impl Failure {
     }
 }
 
+/// A derivation's outputs: `(output name, path)`.
+pub type OutputPaths = Box<[(Box<str>, StorePath)]>;
+
 /// How a goal ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
     /// Every output is valid: `(output name, path)`; `built` when this worker built it.
     Success {
-        outputs: Box<[(Box<str>, StorePath)]>,
+        outputs: OutputPaths,
         built: bool,
     },
     Failed(Failure),
@@ -92,7 +95,7 @@ impl Outcome {
 /// queued goals stay small).
 #[derive(Debug)]
 pub struct Plan {
-    pub outputs: Box<[(Box<str>, StorePath)]>,
+    pub outputs: OutputPaths,
     pub inputs: Box<[GoalId]>,
     pub prefer_local: bool,
     /// The wait before the next lock attempt when another process holds a lock.

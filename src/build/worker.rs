@@ -14,8 +14,8 @@ use mio::Token;
 use super::builder::{builder_env, create_build_dir, spawn_spec, BuildContext};
 use super::child::Child;
 use super::goal::{
-    DrvState, Failure, FailureKind, Goal, GoalId, GoalKind, Outcome, Plan, RunningBuild,
-    SubstState, TimerKind,
+    DrvState, Failure, FailureKind, Goal, GoalId, GoalKind, Outcome, OutputPaths, Plan,
+    RunningBuild, SubstState, TimerKind,
 };
 use super::graph::PathGraph;
 use super::logs::LogWriter;
@@ -1022,7 +1022,7 @@ impl Worker {
         ))
     }
 
-    fn succeed(&mut self, id: GoalId, outputs: Box<[(Box<str>, StorePath)]>, built: bool) {
+    fn succeed(&mut self, id: GoalId, outputs: OutputPaths, built: bool) {
         self.transition(
             id,
             NewState::Drv(DrvState::Done(Outcome::Success { outputs, built })),
@@ -1191,7 +1191,7 @@ impl Worker {
 
     /// The outputs of a derivation goal that succeeded or whose outputs are complete and
     /// waiting for registration.
-    fn realised_outputs(&self, id: GoalId) -> Option<Box<[(Box<str>, StorePath)]>> {
+    fn realised_outputs(&self, id: GoalId) -> Option<OutputPaths> {
         match &self.goals[id.index()].kind {
             GoalKind::Derivation {
                 state: DrvState::Registering { plan, .. },
