@@ -196,6 +196,8 @@ pub struct Worker {
     to_register: Vec<GoalId>,
     /// When the oldest output waiting for registration finished.
     register_since: Option<Instant>,
+    /// Build directories to delete once new builds have started.
+    cleanup: Vec<PathBuf>,
     timers: Vec<(Instant, u64)>,
     graph: PathGraph,
     events: Vec<WorkerEvent>,
@@ -227,6 +229,7 @@ impl Worker {
             by_token: HashMap::new(),
             to_register: Vec::new(),
             register_since: None,
+            cleanup: Vec::new(),
             timers: Vec::new(),
             graph: PathGraph::default(),
             events: Vec::new(),
@@ -663,6 +666,9 @@ impl Worker {
             budget -= 1;
         }
         self.start_builds(reactor);
+        for dir in self.cleanup.drain(..) {
+            let _ = fsutil::delete_path(&dir);
+        }
         if self.registration_due() {
             self.flush_registrations();
         }
@@ -811,6 +817,9 @@ impl Worker {
     /// Kills every child's process group, releases locks, deletes partial outputs and
     /// fails every busy goal. Nothing is left half-registered.
     pub fn cancel_all(&mut self, reactor: &mut Reactor) {
+        for dir in self.cleanup.drain(..) {
+            let _ = fsutil::delete_path(&dir);
+        }
         for id in 0..self.goals.len() {
             let id = GoalId(id as u32);
             if self.goals[id.index()].is_done() {
@@ -1271,9 +1280,11 @@ impl Worker {
                 impure_env: &impure,
             };
             let env = builder_env(&ctx, &drv, &build_dir).map_err(io_msg)?;
-            let log = LogWriter::create(self.store.state_dir(), drv_path).map_err(io_msg)?;
             let spec = spawn_spec(&drv, env, &build_dir);
             let child = Child::spawn(&spec, reactor, Owner::Worker).map_err(io_msg)?;
+            // Created while the builder already runs (its output waits in the pipe);
+            // on failure the child is killed when dropped.
+            let log = LogWriter::create(self.store.state_dir(), drv_path).map_err(io_msg)?;
             Ok((log, child))
         })();
         let (log, child) = match prepared {
@@ -1355,7 +1366,8 @@ impl Worker {
             drop(locks);
             return self.fail_build(id, main_output(&plan), f, Some(tail));
         }
-        let _ = fsutil::delete_path(&build_dir);
+        // Deleted after the next builds have started: off the critical path.
+        self.cleanup.push(build_dir);
         let finished = Finished {
             store: &self.store,
             drv_path: &drv_path,
