@@ -1,5 +1,6 @@
 //! hauberk: a Nix-compatible store, a single-threaded build engine and a CI daemon.
 
+pub mod build;
 pub mod ci;
 pub mod cli;
 pub mod store;

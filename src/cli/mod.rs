@@ -1,6 +1,7 @@
 //! The command line: global options, sub-command dispatch and exit codes. Each command's
 //! module parses its own options and drives the library; none of the work lives here.
 
+mod build_cmd;
 mod ci_cmd;
 mod ci_fetch_cmd;
 mod drv_cmd;
@@ -79,6 +80,8 @@ Commands:
   ci-fetch          (internal) fetch one CI input with git; run by the CI daemon
   ci list specs|evals|builds, ci show build ID|DRV
                     the CI database: specifications, evaluations, builds
+  build DRV...      realise derivations, print their output paths
+  log DRV|OUTPUT    print the build log of a derivation
 
 Global options:
       --store-dir DIR   store directory (env HAUBERK_STORE_DIR; default /hauberk/store)
@@ -150,6 +153,8 @@ fn run(args: Vec<String>) -> CliResult {
         "eval-jobs" => eval_jobs_cmd::run(&global, rest),
         "ci-fetch" => ci_fetch_cmd::run(&global, rest),
         "ci" => ci_cmd::run(&global, rest),
+        "build" => build_cmd::build(&global, rest),
+        "log" => build_cmd::log(&global, rest),
         other => Err(CliError::usage(format!("unknown command '{other}'"))),
     }
 }

@@ -45,6 +45,8 @@ fn set_mtime_one(path: &Path) -> Result<(), FsError> {
 pub struct CanonReport {
     /// Files owned by a uid other than the expected one.
     pub foreign_owner: Option<PathBuf>,
+    /// Files, directories and symlinks visited.
+    pub entries: u64,
 }
 
 /// Makes a tree look like Nix store contents: no write bits, no setuid/setgid/sticky,
@@ -60,6 +62,7 @@ pub fn canonicalise(path: &Path, expected_uid: Option<u32>) -> Result<CanonRepor
 
 fn canon_rec(path: &Path, expected: Option<u32>, rep: &mut CanonReport) -> Result<(), FsError> {
     let md = fs::symlink_metadata(path).map_err(fe("stat", path))?;
+    rep.entries += 1;
     let euid = nix::unistd::geteuid().as_raw();
     if let Some(u) = expected {
         if md.uid() != u && md.uid() != euid && rep.foreign_owner.is_none() {

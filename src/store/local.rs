@@ -85,6 +85,15 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Sto
     }
 }
 
+/// How [`LocalStore::register_built_batch`] makes outputs durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutputSync {
+    /// fsync every file and directory of the outputs, then the store directory.
+    Files,
+    /// One syncfs of the store's file system.
+    FileSystem,
+}
+
 /// How `add_path` hashes what it adds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AddMethod {
@@ -414,6 +423,37 @@ impl LocalStore {
             fsutil::sync_tree(&self.real_path(&i.path))?;
         }
         fsutil::sync_dir(Path::new(self.dir.as_str()))?;
+        self.db.register(infos, drv_outputs)?;
+        Ok(())
+    }
+
+    /// Registers build outputs that are already in place, in one transaction, after making
+    /// them durable: with [`OutputSync::FileSystem`] one `syncfs` of the store's file
+    /// system for the whole batch; with [`OutputSync::Files`] an fsync per file (cheaper
+    /// for a handful of small files on a busy file system).
+    pub fn register_built_batch(
+        &mut self,
+        infos: &[PathInfo],
+        drv_outputs: &[(StorePath, String, StorePath)],
+        sync: OutputSync,
+    ) -> Result<(), StoreError> {
+        let dir = Path::new(self.dir.as_str());
+        match sync {
+            OutputSync::Files => {
+                for i in infos {
+                    fsutil::sync_tree(&self.real_path(&i.path))?;
+                }
+                fsutil::sync_dir(dir)?;
+            }
+            OutputSync::FileSystem => {
+                let f = fs::File::open(dir).map_err(io_err("open store directory", dir))?;
+                // SAFETY: syncfs on a descriptor we own.
+                if unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&f)) } != 0 {
+                    let err = io::Error::last_os_error();
+                    return Err(io_err("sync file system of", dir)(err));
+                }
+            }
+        }
         self.db.register(infos, drv_outputs)?;
         Ok(())
     }

@@ -61,16 +61,47 @@ const IS_BASE32: [bool; 256] = {
     t
 };
 
+/// The hash parts a scan looks for: a fixed set, or a lookup into something larger (the
+/// build engine asks its graph of known paths instead of building a set per build).
+pub trait Candidates {
+    /// Nothing left to find: the scan may stop looking.
+    fn is_exhausted(&self) -> bool;
+    /// Whether `window` (32 base32 digits) is a candidate not found before; a candidate is
+    /// reported once.
+    fn take(&mut self, window: &[u8]) -> bool;
+}
+
+impl Candidates for HashSet<Vec<u8>> {
+    fn is_exhausted(&self) -> bool {
+        self.is_empty()
+    }
+
+    fn take(&mut self, window: &[u8]) -> bool {
+        self.remove(window)
+    }
+}
+
 /// A sink that finds which candidate hash parts occur in what is written to it, including
 /// occurrences split across writes. Bytes that are not base32 digits let the scan jump
 /// ahead by up to a whole hash length, so ordinary binary data is skimmed quickly; once
 /// every candidate has been found, further data is not looked at.
-pub struct RefScanSink {
+pub struct RefScanSink<C: Candidates = HashSet<Vec<u8>>> {
     /// Candidates not found yet.
-    pending: HashSet<Vec<u8>>,
+    pending: C,
     found: BTreeSet<String>,
     /// The last (at most `HASH_PART_LEN - 1`) bytes seen, for matches across writes.
     tail: Vec<u8>,
+}
+
+impl<C: Candidates> RefScanSink<C> {
+    /// A scanner over any candidate lookup.
+    pub fn with_candidates(pending: C) -> RefScanSink<C> {
+        RefScanSink {
+            pending,
+            found: BTreeSet::new(),
+            tail: Vec::with_capacity(HASH_PART_LEN),
+        }
+    }
 }
 
 impl RefScanSink {
@@ -88,16 +119,14 @@ impl RefScanSink {
             }
             pending.insert(h.as_bytes().to_vec());
         }
-        Ok(RefScanSink {
-            pending,
-            found: BTreeSet::new(),
-            tail: Vec::with_capacity(HASH_PART_LEN),
-        })
+        Ok(RefScanSink::with_candidates(pending))
     }
+}
 
+impl<C: Candidates> RefScanSink<C> {
     /// Scans the next piece of the stream.
     pub fn scan(&mut self, data: &[u8]) {
-        if self.pending.is_empty() || data.is_empty() {
+        if self.pending.is_exhausted() || data.is_empty() {
             return;
         }
         const KEEP: usize = HASH_PART_LEN - 1;
@@ -133,7 +162,7 @@ impl RefScanSink {
     }
 }
 
-impl Write for RefScanSink {
+impl<C: Candidates> Write for RefScanSink<C> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.scan(buf);
         Ok(buf.len())
@@ -145,10 +174,10 @@ impl Write for RefScanSink {
 }
 
 /// Finds candidates occurring wholly inside `s`, moving them from `pending` to `found`.
-fn search(s: &[u8], pending: &mut HashSet<Vec<u8>>, found: &mut BTreeSet<String>) {
+fn search<C: Candidates>(s: &[u8], pending: &mut C, found: &mut BTreeSet<String>) {
     let len = HASH_PART_LEN;
     let mut i = 0;
-    'outer: while i + len <= s.len() && !pending.is_empty() {
+    'outer: while i + len <= s.len() && !pending.is_exhausted() {
         // Check the window from its end: a non-digit at j rules out every window that
         // contains it, so the next candidate window starts just after it.
         for j in (0..len).rev() {
@@ -158,7 +187,7 @@ fn search(s: &[u8], pending: &mut HashSet<Vec<u8>>, found: &mut BTreeSet<String>
             }
         }
         let window = &s[i..i + len];
-        if pending.remove(window) {
+        if pending.take(window) {
             // Every byte is ASCII, so this is valid UTF-8.
             found.insert(String::from_utf8_lossy(window).into_owned());
         }
@@ -194,12 +223,12 @@ pub struct NarScan {
 }
 
 /// Hashes and scans what is written to it.
-struct HashAndScan {
+struct HashAndScan<C: Candidates> {
     hash: HashSink,
-    scan: RefScanSink,
+    scan: RefScanSink<C>,
 }
 
-impl Write for HashAndScan {
+impl<C: Candidates> Write for HashAndScan<C> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.hash.write_all(buf)?;
         self.scan.scan(buf);
@@ -218,9 +247,17 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<str>,
 {
+    nar_hash_and_refs_with(path, RefScanSink::new(candidates)?)
+}
+
+/// [`nar_hash_and_refs`] with any candidate lookup.
+pub fn nar_hash_and_refs_with<C: Candidates>(
+    path: &Path,
+    scan: RefScanSink<C>,
+) -> Result<NarScan, RefsError> {
     let mut tee = HashAndScan {
         hash: HashSink::new(Algo::Sha256),
-        scan: RefScanSink::new(candidates)?,
+        scan,
     };
     nar::dump_path(path, &mut tee)?;
     let (nar_hash, nar_size) = tee.hash.finish();

@@ -1,0 +1,298 @@
+//! Goals as data: typed ids, the derivation and substitution goal state machines (each
+//! variant carries what that state owns), and outcomes as values. The transitions
+//! themselves live in the worker; this module knows no I/O.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use super::child::Child;
+use super::logs::LogWriter;
+use crate::store::db::PathInfo;
+use crate::store::drv::Derivation;
+use crate::store::lock::PathLocks;
+use crate::store::StorePath;
+
+/// A dense index into the worker's goal table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct GoalId(pub u32);
+
+impl GoalId {
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
+/// Why a goal failed; decides the exit code and what is cached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The builder exited non-zero or was killed by a signal.
+    BuilderFailed,
+    /// The builder succeeded but its outputs were refused (missing, writable, references).
+    OutputRejected,
+    /// A fixed-output derivation produced the wrong hash.
+    HashMismatch,
+    /// `--max-silent-time` or `--timeout` hit.
+    TimedOut,
+    /// Some inputs could not be realised.
+    DependencyFailed,
+    /// An output is in the failed-paths cache (`--cache-failures`).
+    CachedFailure,
+    /// The path is not valid and nothing can produce it (no substituter).
+    NoSubstituter,
+    /// The environment failed (I/O, database): not the builder's fault.
+    MiscFailure,
+    /// Cancelled (interrupt, or another goal failed without `--keep-going`).
+    Cancelled,
+}
+
+impl FailureKind {
+    /// Failures Nix 2.8 counts as permanent (exit status bit 100).
+    pub fn is_permanent(self) -> bool {
+        matches!(
+            self,
+            FailureKind::BuilderFailed | FailureKind::CachedFailure
+        )
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    pub kind: FailureKind,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(kind: FailureKind, message: impl Into<String>) -> Failure {
+        Failure {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// A derivation's outputs: `(output name, path)`.
+pub type OutputPaths = Box<[(Box<str>, StorePath)]>;
+
+/// How a goal ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every output is valid: `(output name, path)`; `built` when this worker built it.
+    Success {
+        outputs: OutputPaths,
+        built: bool,
+    },
+    Failed(Failure),
+}
+
+impl Outcome {
+    pub fn is_success(&self) -> bool {
+        matches!(self, Outcome::Success { .. })
+    }
+}
+
+/// What a derivation goal keeps between loading its derivation and building: the outputs
+/// and the input goals only (the derivation itself is read again when the build starts, so
+/// queued goals stay small).
+#[derive(Debug)]
+pub struct Plan {
+    pub outputs: OutputPaths,
+    pub inputs: Box<[GoalId]>,
+    pub prefer_local: bool,
+    /// The wait before the next lock attempt when another process holds a lock.
+    pub lock_backoff: Duration,
+}
+
+/// Which deadline a timer key stands for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimerKind {
+    Silence,
+    Timeout,
+    LockRetry,
+}
+
+impl TimerKind {
+    pub fn key(self, goal: GoalId) -> u64 {
+        let k = match self {
+            TimerKind::Silence => 0,
+            TimerKind::Timeout => 1,
+            TimerKind::LockRetry => 2,
+        };
+        ((goal.0 as u64) << 2) | k
+    }
+
+    pub fn from_key(key: u64) -> Option<(GoalId, TimerKind)> {
+        let kind = match key & 3 {
+            0 => TimerKind::Silence,
+            1 => TimerKind::Timeout,
+            2 => TimerKind::LockRetry,
+            _ => return None,
+        };
+        Some((GoalId((key >> 2) as u32), kind))
+    }
+}
+
+/// A builder running for a goal, with everything it owns.
+#[derive(Debug)]
+pub struct RunningBuild {
+    pub drv: Derivation,
+    pub child: Child,
+    pub log: LogWriter,
+    pub build_dir: PathBuf,
+    pub locks: PathLocks,
+    /// Graph ids of the input paths (closure roots) and of the outputs.
+    pub input_roots: Vec<u32>,
+    pub started: Instant,
+    pub last_output: Instant,
+    /// Set when the worker killed it for a timeout: the failure to report.
+    pub timed_out: Option<String>,
+}
+
+/// The derivation goal: load → (substitute outputs) → realise inputs → wait for a slot or
+/// a lock → build → register → done.
+#[derive(Debug)]
+pub enum DrvState {
+    /// Created: nothing read yet (adding a goal is cheap).
+    Init,
+    /// The `.drv` file is not valid: waiting for its substitution goal.
+    WaitingForDerivation,
+    /// Waiting for substitution goals of the invalid outputs.
+    WaitingForSubstitutes {
+        plan: Box<Plan>,
+        pending: u32,
+    },
+    /// Waiting for the input goals.
+    WaitingForInputs {
+        plan: Box<Plan>,
+        pending: u32,
+    },
+    /// Inputs valid; queued for a build slot.
+    WaitingForSlot {
+        plan: Box<Plan>,
+    },
+    /// Another process holds an output lock: retry at `retry_at`, then back off more.
+    WaitingForLock {
+        plan: Box<Plan>,
+        retry_at: Instant,
+        backoff: Duration,
+    },
+    /// The builder runs.
+    Building {
+        plan: Box<Plan>,
+        build: Box<RunningBuild>,
+    },
+    /// Outputs checked, canonicalised and scanned; registered with the next batch.
+    Registering {
+        plan: Box<Plan>,
+        locks: PathLocks,
+        infos: Vec<PathInfo>,
+        /// Files, directories and symlinks in the outputs (picks the sync method).
+        entries: u64,
+    },
+    Done(Outcome),
+}
+
+/// The substitution goal (as in the seed). Substituters arrive in a later issue: today the
+/// flow is Init → TryNext → Done (valid already, or "no substituter").
+#[derive(Debug)]
+pub enum SubstState {
+    Init,
+    /// Try the next substituter; `remaining` are still to try.
+    TryNext {
+        remaining: Vec<String>,
+    },
+    /// Waiting for the references the substitute needs.
+    WaitingForReferences {
+        substituter: String,
+        remaining: Vec<String>,
+        pending: u32,
+    },
+    WaitingForSlot {
+        substituter: String,
+        remaining: Vec<String>,
+    },
+    WaitingForLock {
+        substituter: String,
+        remaining: Vec<String>,
+        retry_at: Instant,
+    },
+    Running {
+        substituter: String,
+        remaining: Vec<String>,
+        child: Box<Child>,
+        locks: PathLocks,
+    },
+    Done(Outcome),
+}
+
+#[derive(Debug)]
+pub enum GoalKind {
+    Derivation {
+        drv_path: StorePath,
+        state: DrvState,
+    },
+    Substitution {
+        path: StorePath,
+        state: SubstState,
+    },
+}
+
+#[derive(Debug)]
+pub struct Goal {
+    pub kind: GoalKind,
+    /// Goals waiting for this one.
+    pub waiters: Vec<GoalId>,
+    /// Inputs of this goal that failed.
+    pub nr_failed: u32,
+    /// Asked for by a driver (reported with `GoalFinished`).
+    pub top_level: bool,
+    /// In the awake stack already.
+    pub awake: bool,
+}
+
+impl Goal {
+    pub fn outcome(&self) -> Option<&Outcome> {
+        match &self.kind {
+            GoalKind::Derivation {
+                state: DrvState::Done(o),
+                ..
+            }
+            | GoalKind::Substitution {
+                state: SubstState::Done(o),
+                ..
+            } => Some(o),
+            GoalKind::Derivation { .. } | GoalKind::Substitution { .. } => None,
+        }
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.outcome().is_some()
+    }
+
+    pub fn path(&self) -> &StorePath {
+        match &self.kind {
+            GoalKind::Derivation { drv_path, .. } => drv_path,
+            GoalKind::Substitution { path, .. } => path,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timer_keys_round_trip() {
+        for k in [TimerKind::Silence, TimerKind::Timeout, TimerKind::LockRetry] {
+            let g = GoalId(123_456);
+            assert_eq!(TimerKind::from_key(k.key(g)), Some((g, k)));
+        }
+        assert_eq!(TimerKind::from_key(3), None);
+    }
+
+    #[test]
+    fn permanent_failures() {
+        assert!(FailureKind::BuilderFailed.is_permanent());
+        assert!(!FailureKind::HashMismatch.is_permanent());
+        assert!(!FailureKind::DependencyFailed.is_permanent());
+    }
+}

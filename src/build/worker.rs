@@ -1,0 +1,1713 @@
+//! The worker: the goal table, the queues (awake stack, slot queue, running builds,
+//! registrations), and every state transition through one function. A driver (the
+//! `hauberk build` loop, later the CI daemon) owns the reactor and calls `step`, `on_io`,
+//! `on_timer`, `on_sigchld` and `cancel_all`; the worker never polls. It does not print:
+//! drivers read `take_events`.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::fmt;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use mio::Token;
+
+use super::builder::{builder_env, create_build_dir, spawn_spec, BuildContext};
+use super::child::Child;
+use super::goal::{
+    DrvState, Failure, FailureKind, Goal, GoalId, GoalKind, Outcome, OutputPaths, Plan,
+    RunningBuild, SubstState, TimerKind,
+};
+use super::graph::PathGraph;
+use super::logs::LogWriter;
+use super::outputs::{check_outputs, Finished};
+use super::reactor::{Owner, Reactor};
+use crate::store::drv::Derivation;
+use crate::store::drv_store::read_store_derivation;
+use crate::store::fsutil;
+use crate::store::local::{LocalStore, OutputSync};
+use crate::store::lock::PathLocks;
+use crate::store::StorePath;
+
+/// How the worker builds.
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    pub max_jobs: u32,
+    /// NIX_BUILD_CORES.
+    pub cores: u32,
+    pub keep_going: bool,
+    pub max_silent_time: Option<Duration>,
+    pub timeout: Option<Duration>,
+    pub keep_failed: bool,
+    pub cache_failures: bool,
+    /// Substituters to try (a later issue runs them; none today).
+    pub substituters: Vec<String>,
+    /// Where build directories are created.
+    pub tmp_dir: PathBuf,
+    /// Copy builder output to our stderr as well as the log.
+    pub echo_output: bool,
+    /// Goals processed per `step` call, so I/O and new builds interleave.
+    pub step_budget: usize,
+    /// The platform this machine builds for (`x86_64-linux`).
+    pub system: String,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            max_jobs: 1,
+            cores: 1,
+            keep_going: false,
+            max_silent_time: None,
+            timeout: None,
+            keep_failed: false,
+            cache_failures: false,
+            substituters: Vec::new(),
+            tmp_dir: std::env::temp_dir(),
+            echo_output: false,
+            step_budget: 256,
+            system: format!("{}-linux", std::env::consts::ARCH),
+        }
+    }
+}
+
+/// What drivers learn from the worker.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WorkerEvent {
+    BuildStarted {
+        drv: StorePath,
+        /// The `out` output (or the first), for build traces.
+        out: Option<StorePath>,
+        platform: String,
+        log_path: PathBuf,
+    },
+    /// A build (or a cached failure standing for one) ended.
+    BuildFinished {
+        drv: StorePath,
+        out: Option<StorePath>,
+        result: Result<(), Failure>,
+        /// The last lines of the log (failures only).
+        log_tail: Vec<String>,
+        /// A builder ran (false: it could not start, or the failure was cached).
+        started: bool,
+    },
+    /// A derivation goal failed without running a builder (dependencies, missing inputs).
+    DerivationFailed { drv: StorePath, failure: Failure },
+    /// A top-level goal is done.
+    GoalFinished { goal: GoalId, outcome: Outcome },
+}
+
+#[derive(Debug)]
+pub enum WorkerError {
+    /// A child could not be read or reaped: the loop cannot go on safely.
+    Child(String),
+}
+
+impl fmt::Display for WorkerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WorkerError::Child(m) => write!(f, "{m}"),
+        }
+    }
+}
+
+impl std::error::Error for WorkerError {}
+
+/// A coarse phase per goal: what the counters and queues are keyed on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Init,
+    WaitingForDerivation,
+    WaitingForSubstitutes,
+    WaitingForInputs,
+    WaitingForSlot,
+    WaitingForLock,
+    Building,
+    Registering,
+    SubstBusy,
+    Done,
+}
+
+const PHASES: usize = 10;
+
+fn drv_phase(s: &DrvState) -> Phase {
+    match s {
+        DrvState::Init => Phase::Init,
+        DrvState::WaitingForDerivation => Phase::WaitingForDerivation,
+        DrvState::WaitingForSubstitutes { .. } => Phase::WaitingForSubstitutes,
+        DrvState::WaitingForInputs { .. } => Phase::WaitingForInputs,
+        DrvState::WaitingForSlot { .. } => Phase::WaitingForSlot,
+        DrvState::WaitingForLock { .. } => Phase::WaitingForLock,
+        DrvState::Building { .. } => Phase::Building,
+        DrvState::Registering { .. } => Phase::Registering,
+        DrvState::Done(_) => Phase::Done,
+    }
+}
+
+fn subst_phase(s: &SubstState) -> Phase {
+    match s {
+        SubstState::Init
+        | SubstState::TryNext { .. }
+        | SubstState::WaitingForReferences { .. }
+        | SubstState::WaitingForSlot { .. }
+        | SubstState::WaitingForLock { .. }
+        | SubstState::Running { .. } => Phase::SubstBusy,
+        SubstState::Done(_) => Phase::Done,
+    }
+}
+
+/// A new state for a goal, given to [`Worker::transition`].
+enum NewState {
+    Drv(DrvState),
+    Subst(SubstState),
+}
+
+/// Counts for a progress line.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Progress {
+    pub done: u32,
+    pub failed: u32,
+    pub running: u32,
+    pub waiting: u32,
+}
+
+const LOCK_BACKOFF_START: Duration = Duration::from_millis(20);
+/// How long finished outputs may wait to be registered together (one syncfs, one
+/// transaction) while other builds keep the slots busy.
+const REGISTER_WINDOW: Duration = Duration::from_millis(20);
+/// Batches with at most this many files are fsynced file by file instead of syncfs.
+const SYNC_FILES_MAX: u64 = 8;
+/// The timer key that wakes the loop when the registration window closes.
+const REGISTER_KEY: u64 = u64::MAX;
+const LOCK_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+pub struct Worker {
+    store: LocalStore,
+    cfg: WorkerConfig,
+    goals: Vec<Goal>,
+    phases: Vec<Phase>,
+    drv_goals: HashMap<StorePath, GoalId>,
+    subst_goals: HashMap<StorePath, GoalId>,
+    /// Goals to run, last in first out: new inputs are looked at first, so the first
+    /// builder starts before the whole graph is loaded.
+    awake: Vec<GoalId>,
+    slot_queue: VecDeque<GoalId>,
+    running: Vec<(GoalId, Token)>,
+    by_token: HashMap<Token, GoalId>,
+    to_register: Vec<GoalId>,
+    /// When the oldest output waiting for registration finished.
+    register_since: Option<Instant>,
+    /// Build directories to delete once new builds have started.
+    cleanup: Vec<PathBuf>,
+    timers: Vec<(Instant, u64)>,
+    graph: PathGraph,
+    events: Vec<WorkerEvent>,
+    counts: [u32; PHASES],
+    failed: u32,
+    top_busy: u32,
+    wanted: HashMap<GoalId, BTreeSet<String>>,
+    permanent_failure: bool,
+    timed_out: bool,
+    hash_mismatch: bool,
+}
+
+fn io_msg(e: impl fmt::Display) -> Failure {
+    Failure::new(FailureKind::MiscFailure, e.to_string())
+}
+
+impl Worker {
+    pub fn new(store: LocalStore, cfg: WorkerConfig) -> Worker {
+        Worker {
+            store,
+            cfg,
+            goals: Vec::new(),
+            phases: Vec::new(),
+            drv_goals: HashMap::new(),
+            subst_goals: HashMap::new(),
+            awake: Vec::new(),
+            slot_queue: VecDeque::new(),
+            running: Vec::new(),
+            by_token: HashMap::new(),
+            to_register: Vec::new(),
+            register_since: None,
+            cleanup: Vec::new(),
+            timers: Vec::new(),
+            graph: PathGraph::default(),
+            events: Vec::new(),
+            counts: [0; PHASES],
+            failed: 0,
+            top_busy: 0,
+            wanted: HashMap::new(),
+            permanent_failure: false,
+            timed_out: false,
+            hash_mismatch: false,
+        }
+    }
+
+    pub fn store(&self) -> &LocalStore {
+        &self.store
+    }
+
+    pub fn config(&self) -> &WorkerConfig {
+        &self.cfg
+    }
+
+    /// Asks for the outputs of a derivation (all outputs when `outputs` is `None`). Cheap:
+    /// nothing is read until `step`. One goal per derivation, shared by every asker.
+    pub fn add_goal(&mut self, drv: StorePath, outputs: Option<BTreeSet<String>>) -> GoalId {
+        let id = self.drv_goal(&drv);
+        let g = &mut self.goals[id.index()];
+        if !g.top_level {
+            g.top_level = true;
+            if !g.is_done() {
+                self.top_busy += 1;
+            }
+        }
+        if let Some(o) = outputs {
+            self.wanted.entry(id).or_default().extend(o);
+        }
+        id
+    }
+
+    pub fn goal(&self, id: GoalId) -> &Goal {
+        &self.goals[id.index()]
+    }
+
+    pub fn outcome(&self, id: GoalId) -> Option<&Outcome> {
+        self.goals[id.index()].outcome()
+    }
+
+    /// The output paths of a successful top-level goal, restricted to the wanted outputs.
+    pub fn wanted_outputs(&self, id: GoalId) -> Vec<StorePath> {
+        let Some(Outcome::Success { outputs, .. }) = self.outcome(id) else {
+            return Vec::new();
+        };
+        let w = self.wanted.get(&id);
+        outputs
+            .iter()
+            .filter(|(n, _)| w.map_or(true, |w| w.contains(&**n)))
+            .map(|(_, p)| p.clone())
+            .collect()
+    }
+
+    pub fn goal_count(&self) -> usize {
+        self.goals.len()
+    }
+
+    pub fn take_events(&mut self) -> Vec<WorkerEvent> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// No goal is busy.
+    pub fn is_idle(&self) -> bool {
+        self.counts[Phase::Done as usize] as usize == self.goals.len()
+    }
+
+    /// Every top-level goal is done.
+    pub fn top_goals_done(&self) -> bool {
+        self.top_busy == 0
+    }
+
+    /// A failure happened and `--keep-going` is off: the driver should cancel the rest.
+    pub fn should_stop(&self) -> bool {
+        !self.cfg.keep_going && self.failed > 0
+    }
+
+    pub fn progress(&self) -> Progress {
+        let c = |p: Phase| self.counts[p as usize];
+        Progress {
+            done: c(Phase::Done) - self.failed,
+            failed: self.failed,
+            running: c(Phase::Building) + c(Phase::Registering),
+            waiting: self.goals.len() as u32
+                - c(Phase::Done)
+                - c(Phase::Building)
+                - c(Phase::Registering),
+        }
+    }
+
+    /// `step` has work to do right now (so the driver must not block in the reactor).
+    pub fn next_step_needed(&self) -> bool {
+        !self.awake.is_empty()
+            || self.registration_due()
+            || !self.timers.is_empty()
+            || (!self.should_stop() && self.has_free_slot(false) && !self.slot_queue.is_empty())
+    }
+
+    /// Nothing runs, nothing is queued to run and nothing waits on a timer, yet goals are
+    /// busy: no build can ever start (`--max-jobs 0`).
+    pub fn is_stuck(&self) -> bool {
+        !self.is_idle()
+            && !self.next_step_needed()
+            && self.running.is_empty()
+            && self.to_register.is_empty()
+            && self.counts[Phase::WaitingForLock as usize] == 0
+    }
+
+    /// Nix 2.8's exit status: 100 | timeout 1 | hash mismatch 2, or 1 for other failures.
+    pub fn exit_status(&self) -> i32 {
+        let mut mask = 0;
+        if self.permanent_failure || self.timed_out || self.hash_mismatch {
+            mask |= 0x04;
+        }
+        if self.timed_out {
+            mask |= 0x01;
+        }
+        if self.hash_mismatch {
+            mask |= 0x02;
+        }
+        if mask != 0 {
+            0x60 | mask
+        } else {
+            1
+        }
+    }
+
+    /// Register now: the window closed, or no build runs, or the run is stopping.
+    fn registration_due(&self) -> bool {
+        !self.to_register.is_empty()
+            && (self
+                .register_since
+                .map_or(true, |t| t.elapsed() >= REGISTER_WINDOW)
+                || self.running.is_empty()
+                || self.should_stop())
+    }
+
+    fn has_free_slot(&self, prefer_local: bool) -> bool {
+        let n = self.running.len() as u32;
+        n < self.cfg.max_jobs || (prefer_local && n == 0)
+    }
+
+    // ----- goal creation -------------------------------------------------------------
+
+    fn new_goal(&mut self, kind: GoalKind) -> GoalId {
+        let id = GoalId(self.goals.len() as u32);
+        let phase = match &kind {
+            GoalKind::Derivation { state, .. } => drv_phase(state),
+            GoalKind::Substitution { state, .. } => subst_phase(state),
+        };
+        self.goals.push(Goal {
+            kind,
+            waiters: Vec::new(),
+            nr_failed: 0,
+            top_level: false,
+            awake: false,
+        });
+        self.phases.push(phase);
+        self.counts[phase as usize] += 1;
+        self.wake(id);
+        id
+    }
+
+    fn drv_goal(&mut self, drv: &StorePath) -> GoalId {
+        if let Some(&id) = self.drv_goals.get(drv) {
+            return id;
+        }
+        let id = self.new_goal(GoalKind::Derivation {
+            drv_path: drv.clone(),
+            state: DrvState::Init,
+        });
+        self.drv_goals.insert(drv.clone(), id);
+        id
+    }
+
+    fn subst_goal(&mut self, path: &StorePath) -> GoalId {
+        if let Some(&id) = self.subst_goals.get(path) {
+            return id;
+        }
+        let id = self.new_goal(GoalKind::Substitution {
+            path: path.clone(),
+            state: SubstState::Init,
+        });
+        self.subst_goals.insert(path.clone(), id);
+        id
+    }
+
+    fn wake(&mut self, id: GoalId) {
+        let g = &mut self.goals[id.index()];
+        if !g.awake && !g.is_done() {
+            g.awake = true;
+            self.awake.push(id);
+        }
+    }
+
+    /// Makes `waiter` wait for `waitee`; returns whether it is still pending (a finished
+    /// waitee counts at once).
+    fn add_waitee(&mut self, waiter: GoalId, waitee: GoalId) -> bool {
+        if self.phases[waitee.index()] == Phase::Registering {
+            return false;
+        }
+        match self.goals[waitee.index()].outcome() {
+            Some(o) => {
+                if !o.is_success() {
+                    self.goals[waiter.index()].nr_failed += 1;
+                }
+                false
+            }
+            None => {
+                self.goals[waitee.index()].waiters.push(waiter);
+                true
+            }
+        }
+    }
+
+    // ----- the one transition function ------------------------------------------------
+
+    /// Puts `id` into a new state, keeping counters, queues, timers, waiters and events in
+    /// step. Every state change goes through here.
+    fn transition(&mut self, id: GoalId, new: NewState) {
+        let old_phase = self.phases[id.index()];
+        let new_phase = match &new {
+            NewState::Drv(s) => drv_phase(s),
+            NewState::Subst(s) => subst_phase(s),
+        };
+        // Leaving.
+        if old_phase == Phase::Building && new_phase != Phase::Building {
+            if let Some(pos) = self.running.iter().position(|(g, _)| *g == id) {
+                let (_, token) = self.running.swap_remove(pos);
+                self.by_token.remove(&token);
+            }
+        }
+        // Entering.
+        match &new {
+            NewState::Drv(DrvState::WaitingForSlot { .. }) => self.slot_queue.push_back(id),
+            NewState::Drv(DrvState::WaitingForLock { retry_at, .. }) => {
+                self.timers.push((*retry_at, TimerKind::LockRetry.key(id)))
+            }
+            NewState::Drv(DrvState::Building { build, .. }) => {
+                let token = build.child.token();
+                self.running.push((id, token));
+                self.by_token.insert(token, id);
+                let now = build.started;
+                if let Some(t) = self.cfg.max_silent_time {
+                    self.timers.push((now + t, TimerKind::Silence.key(id)));
+                }
+                if let Some(t) = self.cfg.timeout {
+                    self.timers.push((now + t, TimerKind::Timeout.key(id)));
+                }
+            }
+            NewState::Drv(DrvState::Registering { .. }) => {
+                if self.to_register.is_empty() {
+                    let now = Instant::now();
+                    self.register_since = Some(now);
+                    self.timers.push((now + REGISTER_WINDOW, REGISTER_KEY));
+                }
+                self.to_register.push(id)
+            }
+            NewState::Drv(
+                DrvState::Init
+                | DrvState::WaitingForDerivation
+                | DrvState::WaitingForSubstitutes { .. }
+                | DrvState::WaitingForInputs { .. }
+                | DrvState::Done(_),
+            )
+            | NewState::Subst(_) => {}
+        }
+        self.counts[old_phase as usize] -= 1;
+        self.counts[new_phase as usize] += 1;
+        self.phases[id.index()] = new_phase;
+        let done = match new {
+            NewState::Drv(s) => {
+                let done = if let DrvState::Done(o) = &s {
+                    Some(o.clone())
+                } else {
+                    None
+                };
+                if let GoalKind::Derivation { state, .. } = &mut self.goals[id.index()].kind {
+                    *state = s;
+                }
+                done
+            }
+            NewState::Subst(s) => {
+                let done = if let SubstState::Done(o) = &s {
+                    Some(o.clone())
+                } else {
+                    None
+                };
+                if let GoalKind::Substitution { state, .. } = &mut self.goals[id.index()].kind {
+                    *state = s;
+                }
+                done
+            }
+        };
+        if let Some(outcome) = done {
+            self.goal_done(id, outcome);
+        } else if new_phase == Phase::Registering {
+            // Outputs are complete on disk and known to the graph: dependents may build
+            // now; they are registered in the same or a later batch, never earlier.
+            self.notify_waiters(id, true);
+        }
+    }
+
+    fn goal_done(&mut self, id: GoalId, outcome: Outcome) {
+        let success = outcome.is_success();
+        if let Outcome::Failed(f) = &outcome {
+            self.failed += 1;
+            match f.kind {
+                FailureKind::TimedOut => self.timed_out = true,
+                FailureKind::HashMismatch => self.hash_mismatch = true,
+                k if k.is_permanent() => self.permanent_failure = true,
+                _ => {}
+            }
+        }
+        let g = &self.goals[id.index()];
+        if g.top_level {
+            self.top_busy -= 1;
+            self.events
+                .push(WorkerEvent::GoalFinished { goal: id, outcome });
+        }
+        self.notify_waiters(id, success);
+    }
+
+    /// Tells the goals waiting for `id` that it ended (or that its outputs are complete
+    /// and usable, while their registration waits for the next batch).
+    fn notify_waiters(&mut self, id: GoalId, success: bool) {
+        let waiters = std::mem::take(&mut self.goals[id.index()].waiters);
+        for w in waiters {
+            let keep_going = self.cfg.keep_going;
+            let wg = &mut self.goals[w.index()];
+            if wg.is_done() {
+                continue;
+            }
+            if !success {
+                wg.nr_failed += 1;
+            }
+            let ready = match &mut wg.kind {
+                GoalKind::Derivation { state, .. } => match state {
+                    DrvState::WaitingForInputs { pending, .. }
+                    | DrvState::WaitingForSubstitutes { pending, .. } => {
+                        *pending -= 1;
+                        *pending == 0 || (!success && !keep_going)
+                    }
+                    DrvState::WaitingForDerivation => true,
+                    DrvState::Init
+                    | DrvState::WaitingForSlot { .. }
+                    | DrvState::WaitingForLock { .. }
+                    | DrvState::Building { .. }
+                    | DrvState::Registering { .. }
+                    | DrvState::Done(_) => false,
+                },
+                GoalKind::Substitution { state, .. } => match state {
+                    SubstState::WaitingForReferences { pending, .. } => {
+                        *pending -= 1;
+                        *pending == 0 || !success
+                    }
+                    SubstState::Init
+                    | SubstState::TryNext { .. }
+                    | SubstState::WaitingForSlot { .. }
+                    | SubstState::WaitingForLock { .. }
+                    | SubstState::Running { .. }
+                    | SubstState::Done(_) => false,
+                },
+            };
+            if ready {
+                self.wake(w);
+            }
+        }
+    }
+
+    /// Fails a derivation goal that ran no builder, reporting `DerivationFailed`.
+    fn fail(&mut self, id: GoalId, f: Failure) {
+        if f.kind != FailureKind::Cancelled {
+            let drv = self.drv_path(id);
+            self.events.push(WorkerEvent::DerivationFailed {
+                drv,
+                failure: f.clone(),
+            });
+        }
+        self.transition(id, NewState::Drv(DrvState::Done(Outcome::Failed(f))));
+    }
+
+    /// Fails a goal whose build ran, could not start, or is a cached failure: reports
+    /// `BuildFinished` (`tail` is `None` when no builder ran).
+    fn fail_build(
+        &mut self,
+        id: GoalId,
+        out: Option<StorePath>,
+        f: Failure,
+        tail: Option<Vec<String>>,
+    ) {
+        let drv = self.drv_path(id);
+        self.events.push(WorkerEvent::BuildFinished {
+            drv,
+            out,
+            result: Err(f.clone()),
+            started: tail.is_some(),
+            log_tail: tail.unwrap_or_default(),
+        });
+        self.transition(id, NewState::Drv(DrvState::Done(Outcome::Failed(f))));
+    }
+
+    fn take_drv_state(&mut self, id: GoalId) -> DrvState {
+        match &mut self.goals[id.index()].kind {
+            GoalKind::Derivation { state, .. } => std::mem::replace(state, DrvState::Init),
+            GoalKind::Substitution { .. } => DrvState::Init,
+        }
+    }
+
+    fn drv_path(&self, id: GoalId) -> StorePath {
+        self.goals[id.index()].path().clone()
+    }
+
+    // ----- driver entry points ---------------------------------------------------------
+
+    /// Runs awake goals (a bounded number), registers finished outputs, starts builds in
+    /// free slots and arms timers.
+    pub fn step(&mut self, reactor: &mut Reactor) {
+        if self.registration_due() {
+            self.flush_registrations();
+        }
+        let mut budget = self.cfg.step_budget.max(1);
+        while budget > 0 {
+            // Start builds first: a free slot should not wait for graph loading.
+            self.start_builds(reactor);
+            let Some(id) = self.awake.pop() else { break };
+            self.goals[id.index()].awake = false;
+            self.work(id);
+            budget -= 1;
+        }
+        self.start_builds(reactor);
+        for dir in self.cleanup.drain(..) {
+            let _ = fsutil::delete_path(&dir);
+        }
+        if self.registration_due() {
+            self.flush_registrations();
+        }
+        self.flush_timers(reactor);
+    }
+
+    fn flush_timers(&mut self, reactor: &mut Reactor) {
+        for (at, key) in self.timers.drain(..) {
+            reactor.add_timer(at, Owner::Worker, key);
+        }
+    }
+
+    /// Output arrived on a child's pipe (or it closed).
+    pub fn on_io(&mut self, reactor: &mut Reactor, token: Token) -> Result<(), WorkerError> {
+        let Some(&id) = self.by_token.get(&token) else {
+            return Ok(());
+        };
+        let echo = self.cfg.echo_output;
+        let GoalKind::Derivation {
+            state: DrvState::Building { build, .. },
+            ..
+        } = &mut self.goals[id.index()].kind
+        else {
+            return Ok(());
+        };
+        let RunningBuild {
+            child,
+            log,
+            last_output,
+            ..
+        } = &mut **build;
+        let mut log_err = None;
+        let r = child.read_output(reactor, &mut |data| {
+            if echo {
+                use std::io::Write;
+                let _ = std::io::stderr().write_all(data);
+            }
+            if let Err(e) = log.write(data) {
+                log_err.get_or_insert(e);
+            }
+        });
+        *last_output = Instant::now();
+        r.map_err(|e| WorkerError::Child(e.to_string()))?;
+        if child.eof() {
+            child
+                .try_reap()
+                .map_err(|e| WorkerError::Child(e.to_string()))?;
+        }
+        if child.is_done() {
+            self.finish_build(id);
+        }
+        self.flush_timers(reactor);
+        Ok(())
+    }
+
+    /// A SIGCHLD arrived: reap whichever of our children exited.
+    pub fn on_sigchld(&mut self, reactor: &mut Reactor) -> Result<(), WorkerError> {
+        let ids: Vec<GoalId> = self.running.iter().map(|(g, _)| *g).collect();
+        for id in ids {
+            let done = match &mut self.goals[id.index()].kind {
+                GoalKind::Derivation {
+                    state: DrvState::Building { build, .. },
+                    ..
+                } => {
+                    build
+                        .child
+                        .try_reap()
+                        .map_err(|e| WorkerError::Child(e.to_string()))?;
+                    build.child.is_done()
+                }
+                GoalKind::Derivation { .. } | GoalKind::Substitution { .. } => false,
+            };
+            if done {
+                self.finish_build(id);
+            }
+        }
+        self.flush_timers(reactor);
+        Ok(())
+    }
+
+    /// A worker timer fired: lock retries, silence and build timeouts.
+    pub fn on_timer(&mut self, reactor: &mut Reactor, key: u64) {
+        let Some((id, kind)) = TimerKind::from_key(key) else {
+            return;
+        };
+        if id.index() >= self.goals.len() {
+            return;
+        }
+        let now = Instant::now();
+        let phase = self.phases[id.index()];
+        match kind {
+            TimerKind::LockRetry if phase == Phase::WaitingForLock => {
+                if let DrvState::WaitingForLock { plan, .. } = self.take_drv_state(id) {
+                    // Back in the slot queue; the lock is tried when a slot is free.
+                    self.transition(id, NewState::Drv(DrvState::WaitingForSlot { plan }));
+                }
+            }
+            TimerKind::Silence | TimerKind::Timeout if phase == Phase::Building => {
+                self.check_deadline(reactor, id, kind, now)
+            }
+            TimerKind::LockRetry | TimerKind::Silence | TimerKind::Timeout => {}
+        }
+        self.flush_timers(reactor);
+    }
+
+    fn check_deadline(&mut self, reactor: &mut Reactor, id: GoalId, kind: TimerKind, now: Instant) {
+        let drv = self.store.print(self.goals[id.index()].path());
+        let (silence, timeout) = (self.cfg.max_silent_time, self.cfg.timeout);
+        let GoalKind::Derivation {
+            state: DrvState::Building { build, .. },
+            ..
+        } = &mut self.goals[id.index()].kind
+        else {
+            return;
+        };
+        let message = match (kind, silence, timeout) {
+            (TimerKind::Silence, Some(limit), _) => {
+                let due = build.last_output + limit;
+                if due > now {
+                    self.timers.push((due, key_of(kind, id)));
+                    return;
+                }
+                format!(
+                    "building of '{drv}' timed out after {} seconds of silence",
+                    limit.as_secs()
+                )
+            }
+            (TimerKind::Timeout, _, Some(limit)) => {
+                if build.started + limit > now {
+                    self.timers.push((build.started + limit, key_of(kind, id)));
+                    return;
+                }
+                format!(
+                    "building of '{drv}' timed out after {} seconds",
+                    limit.as_secs()
+                )
+            }
+            _ => return,
+        };
+        build.timed_out = Some(message);
+        // SIGKILL the group and reap at once: a killed builder ends quickly.
+        let _ = build.child.kill_and_reap(reactor);
+        self.finish_build(id);
+    }
+
+    /// Kills every child's process group, releases locks, deletes partial outputs and
+    /// fails every busy goal. Nothing is left half-registered.
+    pub fn cancel_all(&mut self, reactor: &mut Reactor) {
+        for dir in self.cleanup.drain(..) {
+            let _ = fsutil::delete_path(&dir);
+        }
+        for id in 0..self.goals.len() {
+            let id = GoalId(id as u32);
+            if self.goals[id.index()].is_done() {
+                continue;
+            }
+            let phase = self.phases[id.index()];
+            if phase == Phase::Building || phase == Phase::Registering {
+                let state = self.take_drv_state(id);
+                let plan = match state {
+                    DrvState::Building { plan, build } => {
+                        let RunningBuild {
+                            mut child,
+                            mut log,
+                            build_dir,
+                            locks,
+                            ..
+                        } = *build;
+                        let _ = child.kill_and_reap(reactor);
+                        let _ = log.close();
+                        if !self.cfg.keep_failed {
+                            let _ = fsutil::delete_path(&build_dir);
+                        }
+                        self.delete_invalid_outputs(&plan);
+                        drop(locks);
+                        Some(plan)
+                    }
+                    DrvState::Registering { plan, locks, .. } => {
+                        self.delete_invalid_outputs(&plan);
+                        drop(locks);
+                        Some(plan)
+                    }
+                    other => {
+                        // Not reachable given the phase; put it back untouched.
+                        if let GoalKind::Derivation { state, .. } = &mut self.goals[id.index()].kind
+                        {
+                            *state = other;
+                        }
+                        None
+                    }
+                };
+                drop(plan);
+            }
+            self.to_register.retain(|g| *g != id);
+            let f = Failure::new(FailureKind::Cancelled, "cancelled");
+            match &self.goals[id.index()].kind {
+                GoalKind::Derivation { .. } => self.fail(id, f),
+                GoalKind::Substitution { .. } => {
+                    self.transition(id, NewState::Subst(SubstState::Done(Outcome::Failed(f))))
+                }
+            }
+        }
+        self.awake.clear();
+        self.slot_queue.clear();
+    }
+
+    fn delete_invalid_outputs(&self, plan: &Plan) {
+        for (_, p) in plan.outputs.iter() {
+            if !self.store.is_valid(p).unwrap_or(true) {
+                let _ = fsutil::delete_path(&self.store.real_path(p));
+            }
+        }
+    }
+
+    // ----- goal work ---------------------------------------------------------------------
+
+    fn work(&mut self, id: GoalId) {
+        let phase = self.phases[id.index()];
+        let is_drv = matches!(self.goals[id.index()].kind, GoalKind::Derivation { .. });
+        if !is_drv {
+            self.subst_work(id);
+            return;
+        }
+        match phase {
+            // After a failure without --keep-going, only let the failure propagate.
+            Phase::Init if self.should_stop() => {}
+            Phase::Init => self.drv_init(id),
+            Phase::WaitingForDerivation => self.have_derivation(id),
+            Phase::WaitingForSubstitutes => {
+                if let DrvState::WaitingForSubstitutes { plan, .. } = self.take_drv_state(id) {
+                    self.outputs_substituted(id, plan, None);
+                }
+            }
+            Phase::WaitingForInputs => {
+                if let DrvState::WaitingForInputs { plan, .. } = self.take_drv_state(id) {
+                    self.inputs_realised(id, plan);
+                }
+            }
+            Phase::WaitingForSlot
+            | Phase::WaitingForLock
+            | Phase::Building
+            | Phase::Registering
+            | Phase::SubstBusy
+            | Phase::Done => {}
+        }
+    }
+
+    fn drv_init(&mut self, id: GoalId) {
+        let drv_path = self.drv_path(id);
+        match self.store.is_valid(&drv_path) {
+            Ok(true) => self.have_derivation(id),
+            Ok(false) => {
+                let s = self.subst_goal(&drv_path);
+                if self.add_waitee(id, s) {
+                    self.transition(id, NewState::Drv(DrvState::WaitingForDerivation));
+                } else {
+                    self.have_derivation(id)
+                }
+            }
+            Err(e) => self.fail(id, io_msg(e)),
+        }
+    }
+
+    fn have_derivation(&mut self, id: GoalId) {
+        let drv_path = self.drv_path(id);
+        if self.goals[id.index()].nr_failed > 0 {
+            let msg = format!(
+                "cannot build missing derivation '{}'",
+                self.store.print(&drv_path)
+            );
+            return self.fail(id, Failure::new(FailureKind::NoSubstituter, msg));
+        }
+        let drv = match self.load_drv(&drv_path) {
+            Ok(d) => d,
+            Err(f) => return self.fail(id, f),
+        };
+        let mut outputs = Vec::with_capacity(drv.outputs.len());
+        for (name, o) in &drv.outputs {
+            match o.path() {
+                Some(p) => outputs.push((name.as_str().into(), p.clone())),
+                None => {
+                    let msg = format!(
+                        "derivation '{}': output '{name}' has no path (content-addressed or deferred outputs are not supported)",
+                        self.store.print(&drv_path)
+                    );
+                    return self.fail(id, Failure::new(FailureKind::MiscFailure, msg));
+                }
+            }
+        }
+        let plan = Box::new(Plan {
+            outputs: outputs.into_boxed_slice(),
+            inputs: Box::new([]),
+            prefer_local: drv.env_get("preferLocalBuild") == Some(b"1")
+                && drv.platform == self.cfg.system.as_bytes(),
+            lock_backoff: LOCK_BACKOFF_START,
+        });
+        let invalid = match self.invalid_outputs(&plan) {
+            Ok(v) => v,
+            Err(f) => return self.fail(id, f),
+        };
+        if invalid.is_empty() {
+            return self.succeed(id, plan.outputs, false);
+        }
+        if let Some(f) = self.cached_failure(id, &invalid) {
+            return self.fail_build(id, main_output(&plan), f, None);
+        }
+        for p in plan.outputs.iter().map(|(_, p)| p).chain([&drv_path]) {
+            if let Err(e) = self.store.add_temp_root(p) {
+                return self.fail(id, io_msg(e));
+            }
+        }
+        if self.cfg.substituters.is_empty() {
+            return self.outputs_substituted(id, plan, Some(drv));
+        }
+        let mut pending = 0;
+        for p in invalid {
+            let s = self.subst_goal(&p);
+            if self.add_waitee(id, s) {
+                pending += 1;
+            }
+        }
+        if pending == 0 {
+            self.outputs_substituted(id, plan, Some(drv))
+        } else {
+            self.transition(
+                id,
+                NewState::Drv(DrvState::WaitingForSubstitutes { plan, pending }),
+            )
+        }
+    }
+
+    fn load_drv(&self, drv_path: &StorePath) -> Result<Derivation, Failure> {
+        read_store_derivation(&self.store, drv_path).map_err(io_msg)
+    }
+
+    fn invalid_outputs(&self, plan: &Plan) -> Result<Vec<StorePath>, Failure> {
+        let mut v = Vec::new();
+        for (_, p) in plan.outputs.iter() {
+            if !self.store.is_valid(p).map_err(io_msg)? {
+                v.push(p.clone());
+            }
+        }
+        Ok(v)
+    }
+
+    fn cached_failure(&self, id: GoalId, invalid: &[StorePath]) -> Option<Failure> {
+        if !self.cfg.cache_failures {
+            return None;
+        }
+        let failed = invalid
+            .iter()
+            .find(|p| self.store.db().is_failed(p).unwrap_or(false))?;
+        let _ = id;
+        Some(Failure::new(
+            FailureKind::CachedFailure,
+            format!(
+                "builder for '{}' failed previously (cached)",
+                self.store.print(failed)
+            ),
+        ))
+    }
+
+    fn succeed(&mut self, id: GoalId, outputs: OutputPaths, built: bool) {
+        self.transition(
+            id,
+            NewState::Drv(DrvState::Done(Outcome::Success { outputs, built })),
+        );
+    }
+
+    /// Substitutes were tried (or there are none): realise the inputs.
+    fn outputs_substituted(&mut self, id: GoalId, mut plan: Box<Plan>, drv: Option<Derivation>) {
+        let drv_path = self.drv_path(id);
+        self.goals[id.index()].nr_failed = 0;
+        match self.invalid_outputs(&plan) {
+            Ok(v) if v.is_empty() => return self.succeed(id, plan.outputs, false),
+            Ok(_) => {}
+            Err(f) => return self.fail(id, f),
+        }
+        let drv = match drv {
+            Some(d) => d,
+            None => match self.load_drv(&drv_path) {
+                Ok(d) => d,
+                Err(f) => return self.fail(id, f),
+            },
+        };
+        let mut pending = 0u32;
+        let mut inputs = Vec::with_capacity(drv.input_drvs.len());
+        for input in drv.input_drvs.keys() {
+            let g = self.drv_goal(input);
+            inputs.push(g);
+            if self.add_waitee(id, g) {
+                pending += 1;
+            }
+        }
+        for src in &drv.input_srcs {
+            match self.store.is_valid(src) {
+                Ok(true) => {}
+                Ok(false) => {
+                    let g = self.subst_goal(src);
+                    if self.add_waitee(id, g) {
+                        pending += 1;
+                    }
+                }
+                Err(e) => return self.fail(id, io_msg(e)),
+            }
+        }
+        plan.inputs = inputs.into_boxed_slice();
+        if pending == 0 {
+            self.inputs_realised(id, plan)
+        } else {
+            self.transition(
+                id,
+                NewState::Drv(DrvState::WaitingForInputs { plan, pending }),
+            )
+        }
+    }
+
+    fn inputs_realised(&mut self, id: GoalId, plan: Box<Plan>) {
+        let n = self.goals[id.index()].nr_failed;
+        if n > 0 {
+            let msg = format!(
+                "cannot build derivation '{}': {n} dependencies couldn't be built",
+                self.store.print(&self.drv_path(id))
+            );
+            return self.fail(id, Failure::new(FailureKind::DependencyFailed, msg));
+        }
+        self.transition(id, NewState::Drv(DrvState::WaitingForSlot { plan }));
+    }
+
+    /// Starts queued builds while slots are free.
+    fn start_builds(&mut self, reactor: &mut Reactor) {
+        if self.should_stop() {
+            return;
+        }
+        let mut skipped = 0;
+        while skipped < self.slot_queue.len() {
+            let Some(&id) = self.slot_queue.front() else {
+                break;
+            };
+            if self.phases[id.index()] != Phase::WaitingForSlot {
+                self.slot_queue.pop_front();
+                continue;
+            }
+            let prefer_local = match &self.goals[id.index()].kind {
+                GoalKind::Derivation {
+                    state: DrvState::WaitingForSlot { plan },
+                    ..
+                } => plan.prefer_local,
+                GoalKind::Derivation { .. } | GoalKind::Substitution { .. } => false,
+            };
+            if !self.has_free_slot(prefer_local) {
+                if self.running.len() as u32 >= self.cfg.max_jobs.max(1) {
+                    break;
+                }
+                // Only preferLocalBuild goals may use the one slot of `--max-jobs 0`.
+                self.slot_queue.rotate_left(1);
+                skipped += 1;
+                continue;
+            }
+            self.slot_queue.pop_front();
+            self.try_to_build(reactor, id);
+        }
+    }
+
+    fn try_to_build(&mut self, reactor: &mut Reactor, id: GoalId) {
+        let DrvState::WaitingForSlot { mut plan } = self.take_drv_state(id) else {
+            return;
+        };
+        let drv_path = self.drv_path(id);
+        let lock_paths: Vec<PathBuf> = plan
+            .outputs
+            .iter()
+            .map(|(_, p)| self.store.real_path(p))
+            .collect();
+        let mut locks = match PathLocks::try_lock_all(&lock_paths) {
+            Ok(Some(l)) => l,
+            Ok(None) => {
+                let backoff = plan.lock_backoff;
+                plan.lock_backoff = (backoff * 2).min(LOCK_BACKOFF_MAX);
+                let retry_at = Instant::now() + backoff;
+                return self.transition(
+                    id,
+                    NewState::Drv(DrvState::WaitingForLock {
+                        plan,
+                        retry_at,
+                        backoff,
+                    }),
+                );
+            }
+            Err(e) => return self.fail(id, io_msg(e)),
+        };
+        // Someone else may have built it while we waited for the lock.
+        let invalid = match self.invalid_outputs(&plan) {
+            Ok(v) => v,
+            Err(f) => return self.fail(id, f),
+        };
+        if invalid.is_empty() {
+            locks.set_delete_on_release();
+            return self.succeed(id, plan.outputs, false);
+        }
+        if invalid.len() != plan.outputs.len() {
+            let msg = format!(
+                "derivation '{}' is blocked by its output paths",
+                self.store.print(&drv_path)
+            );
+            return self.fail(id, Failure::new(FailureKind::MiscFailure, msg));
+        }
+        if let Some(f) = self.cached_failure(id, &invalid) {
+            return self.fail_build(id, main_output(&plan), f, None);
+        }
+        for p in &invalid {
+            if let Err(e) = fsutil::delete_path(&self.store.real_path(p)) {
+                return self.fail(id, io_msg(e));
+            }
+        }
+        match self.start_builder(reactor, &drv_path, &plan, locks) {
+            Ok(build) => {
+                self.events.push(WorkerEvent::BuildStarted {
+                    drv: drv_path,
+                    out: main_output(&plan),
+                    platform: String::from_utf8_lossy(&build.drv.platform).into_owned(),
+                    log_path: build.log.path().to_path_buf(),
+                });
+                self.transition(id, NewState::Drv(DrvState::Building { plan, build }))
+            }
+            Err(f) => self.fail_build(id, main_output(&plan), f, None),
+        }
+    }
+
+    /// The outputs of a derivation goal that succeeded or whose outputs are complete and
+    /// waiting for registration.
+    fn realised_outputs(&self, id: GoalId) -> Option<OutputPaths> {
+        match &self.goals[id.index()].kind {
+            GoalKind::Derivation {
+                state: DrvState::Registering { plan, .. },
+                ..
+            } => Some(plan.outputs.clone()),
+            GoalKind::Derivation {
+                state: DrvState::Done(Outcome::Success { outputs, .. }),
+                ..
+            } => Some(outputs.clone()),
+            GoalKind::Derivation { .. } | GoalKind::Substitution { .. } => None,
+        }
+    }
+
+    /// The graph ids of the input paths: wanted outputs of input derivations and sources.
+    fn input_roots(&mut self, drv: &Derivation) -> Result<Vec<u32>, Failure> {
+        let mut roots = Vec::new();
+        for (input, wanted) in &drv.input_drvs {
+            let outputs = self
+                .drv_goals
+                .get(input)
+                .and_then(|g| self.realised_outputs(*g))
+                .ok_or_else(|| {
+                    io_msg(format!(
+                        "input derivation '{}' was not built",
+                        self.store.print(input)
+                    ))
+                })?;
+            for w in wanted {
+                let (_, p) = outputs.iter().find(|(n, _)| **n == **w).ok_or_else(|| {
+                    io_msg(format!(
+                        "derivation requires non-existent output '{w}' from input derivation '{}'",
+                        self.store.print(input)
+                    ))
+                })?;
+                roots.push(self.graph.load(&self.store, p).map_err(io_msg)?);
+            }
+        }
+        for src in &drv.input_srcs {
+            roots.push(self.graph.load(&self.store, src).map_err(io_msg)?);
+        }
+        Ok(roots)
+    }
+
+    fn start_builder(
+        &mut self,
+        reactor: &mut Reactor,
+        drv_path: &StorePath,
+        plan: &Plan,
+        locks: PathLocks,
+    ) -> Result<Box<RunningBuild>, Failure> {
+        let drv = self.load_drv(drv_path)?;
+        if drv.platform != self.cfg.system.as_bytes() {
+            return Err(Failure::new(
+                FailureKind::MiscFailure,
+                format!(
+                    "a '{}' is required to build '{}', but I am a '{}'",
+                    String::from_utf8_lossy(&drv.platform),
+                    self.store.print(drv_path),
+                    self.cfg.system
+                ),
+            ));
+        }
+        let input_roots = self.input_roots(&drv)?;
+        for (_, p) in plan.outputs.iter() {
+            self.graph.intern(p);
+        }
+        let build_dir = create_build_dir(&self.cfg.tmp_dir, drv_path).map_err(io_msg)?;
+        let prepared = (|| {
+            let impure = |n: &str| std::env::var_os(n).map(|v| v.as_encoded_bytes().to_vec());
+            let ctx = BuildContext {
+                store: &self.store,
+                graph: &self.graph,
+                drv_path,
+                input_roots: &input_roots,
+                cores: self.cfg.cores,
+                tmp_base: &self.cfg.tmp_dir,
+                impure_env: &impure,
+            };
+            let env = builder_env(&ctx, &drv, &build_dir).map_err(io_msg)?;
+            let spec = spawn_spec(&drv, env, &build_dir);
+            let child = Child::spawn(&spec, reactor, Owner::Worker).map_err(io_msg)?;
+            // Created while the builder already runs (its output waits in the pipe);
+            // on failure the child is killed when dropped.
+            let log = LogWriter::create(self.store.state_dir(), drv_path).map_err(io_msg)?;
+            Ok((log, child))
+        })();
+        let (log, child) = match prepared {
+            Ok(x) => x,
+            Err(f) => {
+                let _ = fsutil::delete_path(&build_dir);
+                return Err(f);
+            }
+        };
+        let now = Instant::now();
+        Ok(Box::new(RunningBuild {
+            drv,
+            child,
+            log,
+            build_dir,
+            locks,
+            input_roots,
+            started: now,
+            last_output: now,
+            timed_out: None,
+        }))
+    }
+
+    /// The child is reaped and its pipe closed: judge the build.
+    fn finish_build(&mut self, id: GoalId) {
+        let DrvState::Building { plan, build } = self.take_drv_state(id) else {
+            return;
+        };
+        let drv_path = self.drv_path(id);
+        let RunningBuild {
+            drv,
+            child,
+            mut log,
+            build_dir,
+            locks,
+            input_roots,
+            timed_out,
+            ..
+        } = *build;
+        let close = log.close();
+        let drv_s = self.store.print(&drv_path);
+        let failure = if let Some(m) = timed_out {
+            Some(Failure::new(FailureKind::TimedOut, m))
+        } else if let Some(e) = child.exec_error() {
+            Some(Failure::new(
+                FailureKind::BuilderFailed,
+                format!("builder for '{drv_s}' failed: {e}"),
+            ))
+        } else {
+            match child.status() {
+                Some(s) if s.success() => None,
+                Some(s) => Some(Failure::new(
+                    FailureKind::BuilderFailed,
+                    format!("builder for '{drv_s}' {}", s.describe()),
+                )),
+                None => Some(Failure::new(
+                    FailureKind::MiscFailure,
+                    format!("builder for '{drv_s}' vanished"),
+                )),
+            }
+        };
+        let failure = failure.or_else(|| close.err().map(io_msg));
+        let tail = log.tail.lines();
+        drop(child);
+        if let Some(mut f) = failure {
+            if self.cfg.keep_failed {
+                f.message.push_str(&format!(
+                    "\nnote: keeping build directory '{}'",
+                    build_dir.display()
+                ));
+            } else {
+                let _ = fsutil::delete_path(&build_dir);
+            }
+            if self.cfg.cache_failures && f.kind.is_permanent() && !drv.is_fixed_output() {
+                for (_, p) in plan.outputs.iter() {
+                    let _ = self.store.db().add_failed(p);
+                }
+            }
+            drop(locks);
+            return self.fail_build(id, main_output(&plan), f, Some(tail));
+        }
+        // Deleted after the next builds have started: off the critical path.
+        self.cleanup.push(build_dir);
+        let finished = Finished {
+            store: &self.store,
+            drv_path: &drv_path,
+            drv: &drv,
+            outputs: &plan.outputs,
+            input_roots: &input_roots,
+        };
+        match check_outputs(&finished, &mut self.graph) {
+            Ok((infos, entries)) => {
+                for i in &infos {
+                    let refs: Vec<StorePath> = i.references.iter().cloned().collect();
+                    self.graph.add_registered(&i.path, &refs);
+                }
+                self.transition(
+                    id,
+                    NewState::Drv(DrvState::Registering {
+                        plan,
+                        locks,
+                        infos,
+                        entries,
+                    }),
+                )
+            }
+            Err(f) => {
+                drop(locks);
+                self.fail_build(id, main_output(&plan), f, Some(tail))
+            }
+        }
+    }
+
+    /// Registers every output waiting for it in one transaction, after one syncfs.
+    fn flush_registrations(&mut self) {
+        if self.to_register.is_empty() {
+            return;
+        }
+        let ids = std::mem::take(&mut self.to_register);
+        self.register_since = None;
+        let mut infos = Vec::new();
+        let mut drv_outputs = Vec::new();
+        let mut entries = 0;
+        for &id in &ids {
+            let drv_path = self.drv_path(id);
+            if let GoalKind::Derivation {
+                state:
+                    DrvState::Registering {
+                        plan,
+                        infos: i,
+                        entries: n,
+                        ..
+                    },
+                ..
+            } = &self.goals[id.index()].kind
+            {
+                entries += n;
+                infos.extend(i.iter().cloned());
+                for (n, p) in plan.outputs.iter() {
+                    drv_outputs.push((drv_path.clone(), n.to_string(), p.clone()));
+                }
+            }
+        }
+        // A few fsyncs beat a syncfs of a busy file system; many do not.
+        let sync = if entries <= SYNC_FILES_MAX {
+            OutputSync::Files
+        } else {
+            OutputSync::FileSystem
+        };
+        let result = self.store.register_built_batch(&infos, &drv_outputs, sync);
+        for id in ids {
+            let DrvState::Registering {
+                plan,
+                mut locks,
+                infos,
+                ..
+            } = self.take_drv_state(id)
+            else {
+                continue;
+            };
+            let drv = self.drv_path(id);
+            match &result {
+                Ok(()) => {
+                    drop(infos);
+                    locks.set_delete_on_release();
+                    drop(locks);
+                    self.events.push(WorkerEvent::BuildFinished {
+                        drv,
+                        out: main_output(&plan),
+                        result: Ok(()),
+                        log_tail: Vec::new(),
+                        started: true,
+                    });
+                    self.succeed(id, plan.outputs, true);
+                }
+                Err(e) => {
+                    self.delete_invalid_outputs(&plan);
+                    drop(locks);
+                    self.fail_build(id, main_output(&plan), io_msg(e), Some(Vec::new()));
+                }
+            }
+        }
+    }
+
+    // ----- substitution goals ------------------------------------------------------------
+
+    fn subst_work(&mut self, id: GoalId) {
+        let path = self.goals[id.index()].path().clone();
+        let state = match &mut self.goals[id.index()].kind {
+            GoalKind::Substitution { state, .. } => std::mem::replace(state, SubstState::Init),
+            GoalKind::Derivation { .. } => return,
+        };
+        let next = match state {
+            SubstState::Init => match self.store.is_valid(&path) {
+                Ok(true) => SubstState::Done(Outcome::Success {
+                    outputs: Box::new([]),
+                    built: false,
+                }),
+                Ok(false) => SubstState::TryNext {
+                    remaining: self.cfg.substituters.clone(),
+                },
+                Err(e) => SubstState::Done(Outcome::Failed(io_msg(e))),
+            },
+            SubstState::TryNext { remaining } => {
+                // Running substituters is a later issue: with none (or none that can),
+                // the path cannot be made.
+                let _ = remaining;
+                SubstState::Done(Outcome::Failed(Failure::new(
+                    FailureKind::NoSubstituter,
+                    format!(
+                        "path '{}' is required, but there is no substituter that can build it",
+                        self.store.print(&path)
+                    ),
+                )))
+            }
+            other @ (SubstState::WaitingForReferences { .. }
+            | SubstState::WaitingForSlot { .. }
+            | SubstState::WaitingForLock { .. }
+            | SubstState::Running { .. }
+            | SubstState::Done(_)) => other,
+        };
+        let again = matches!(next, SubstState::TryNext { .. });
+        self.transition(id, NewState::Subst(next));
+        if again {
+            self.wake(id);
+        }
+    }
+}
+
+fn key_of(kind: TimerKind, id: GoalId) -> u64 {
+    kind.key(id)
+}
+
+fn main_output(plan: &Plan) -> Option<StorePath> {
+    plan.outputs
+        .iter()
+        .find(|(n, _)| &**n == "out")
+        .or_else(|| plan.outputs.first())
+        .map(|(_, p)| p.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::build::run::run_build;
+    use crate::store::drv_json::parse_derivation_json;
+    use crate::store::drv_store::{add_derivation, store_hasher, DrvSource};
+
+    struct T {
+        dir: PathBuf,
+    }
+
+    impl T {
+        fn new(name: &str) -> T {
+            let dir =
+                std::env::temp_dir().join(format!("hauberk-wt-{name}-{}", std::process::id()));
+            let _ = fsutil::delete_path(&dir);
+            std::fs::create_dir_all(dir.join("tmp")).unwrap();
+            T { dir }
+        }
+
+        fn store(&self) -> LocalStore {
+            let sd = self.dir.join("store");
+            LocalStore::open(sd.to_str().unwrap(), &self.dir.join("state")).unwrap()
+        }
+
+        fn cfg(&self, max_jobs: u32, keep_going: bool) -> WorkerConfig {
+            WorkerConfig {
+                max_jobs,
+                keep_going,
+                tmp_dir: self.dir.join("tmp"),
+                ..WorkerConfig::default()
+            }
+        }
+
+        /// A derivation running `script`, with `inputs` as input derivations.
+        fn drv(
+            &self,
+            store: &mut LocalStore,
+            name: &str,
+            script: &str,
+            inputs: &[&StorePath],
+        ) -> StorePath {
+            let ins: Vec<String> = inputs
+                .iter()
+                .map(|p| format!("\"{}\": [\"out\"]", store.print(p)))
+                .collect();
+            let json = format!(
+                r#"{{"name": "{name}", "system": "{sys}", "builder": "/bin/sh", "args": ["-c", "{script}"],
+                  "env": {{"name": "{name}", "out": ""}}, "outputs": {{"out": {{}}}},
+                  "inputDrvs": {{{}}}, "inputSrcs": []}}"#,
+                ins.join(","),
+                sys = WorkerConfig::default().system,
+            );
+            let j = parse_derivation_json(json.as_bytes(), store.store_dir()).unwrap();
+            let mut h = store_hasher(store);
+            add_derivation(store, &mut h, j.drv, DrvSource::Json, name)
+                .unwrap()
+                .0
+        }
+    }
+
+    impl Drop for T {
+        fn drop(&mut self) {
+            let _ = fsutil::delete_path(&self.dir);
+        }
+    }
+
+    fn phase_of(w: &Worker, id: GoalId) -> Phase {
+        w.phases[id.index()]
+    }
+
+    #[test]
+    fn goals_are_shared_and_wait_for_inputs() {
+        let t = T::new("states");
+        let mut store = t.store();
+        let a = t.drv(&mut store, "a", "echo a > $out", &[]);
+        let b = t.drv(&mut store, "b", "echo b > $out", &[&a]);
+        let mut r = Reactor::new(&[libc::SIGCHLD]).unwrap();
+        // --max-jobs 0: everything loads, nothing can start.
+        let mut w = Worker::new(store, t.cfg(0, false));
+        let gb = w.add_goal(b.clone(), None);
+        assert_eq!(w.add_goal(b.clone(), None), gb);
+        assert_eq!(phase_of(&w, gb), Phase::Init);
+        w.step(&mut r);
+        let ga = w.drv_goals[&a];
+        assert_eq!(phase_of(&w, ga), Phase::WaitingForSlot);
+        assert!(matches!(
+            &w.goal(gb).kind,
+            GoalKind::Derivation {
+                state: DrvState::WaitingForInputs { pending: 1, .. },
+                ..
+            }
+        ));
+        assert_eq!(w.goal(ga).waiters, vec![gb]);
+        assert!(w.is_stuck());
+        assert_eq!(
+            w.progress(),
+            Progress {
+                done: 0,
+                failed: 0,
+                running: 0,
+                waiting: 2
+            }
+        );
+
+        // With a slot, the loop builds a then b (one store per process: temp roots).
+        drop(w);
+        let store = t.store();
+        let mut w = Worker::new(store, t.cfg(1, false));
+        let gb = w.add_goal(b.clone(), None);
+        let mut events = Vec::new();
+        run_build(&mut w, &mut r, &mut |_, e| events.push(e), &mut |_| {}).unwrap();
+        assert!(
+            matches!(w.outcome(gb), Some(Outcome::Success { built: true, .. })),
+            "{:?} {events:?}",
+            w.outcome(gb)
+        );
+        let started = events
+            .iter()
+            .filter(|e| matches!(e, WorkerEvent::BuildStarted { .. }))
+            .count();
+        assert_eq!(started, 2);
+        assert!(w.is_idle());
+        assert_eq!(w.exit_status(), 1);
+
+        // Already valid: done in the first step, nothing started.
+        drop(w);
+        let mut w = Worker::new(t.store(), t.cfg(1, false));
+        let gb = w.add_goal(b, None);
+        w.step(&mut r);
+        assert!(matches!(
+            w.outcome(gb),
+            Some(Outcome::Success { built: false, .. })
+        ));
+        assert!(w
+            .take_events()
+            .iter()
+            .all(|e| matches!(e, WorkerEvent::GoalFinished { .. })));
+    }
+
+    #[test]
+    fn failure_propagates_as_dependency_failure() {
+        let t = T::new("fail");
+        let mut store = t.store();
+        let a = t.drv(&mut store, "a", "exit 2", &[]);
+        let b = t.drv(&mut store, "b", "echo b > $out", &[&a]);
+        let c = t.drv(&mut store, "c", "echo c > $out", &[&b]);
+        let mut r = Reactor::new(&[libc::SIGCHLD]).unwrap();
+        let mut w = Worker::new(store, t.cfg(2, true));
+        let gc = w.add_goal(c, None);
+        run_build(&mut w, &mut r, &mut |_, _| {}, &mut |_| {}).unwrap();
+        let Some(Outcome::Failed(f)) = w.outcome(gc) else {
+            panic!("c should fail")
+        };
+        assert_eq!(f.kind, FailureKind::DependencyFailed);
+        let ga = w.drv_goals[&a];
+        let Some(Outcome::Failed(f)) = w.outcome(ga) else {
+            panic!("a should fail")
+        };
+        assert_eq!(f.kind, FailureKind::BuilderFailed);
+        assert!(
+            f.message.ends_with("failed with exit code 2"),
+            "{}",
+            f.message
+        );
+        assert_eq!(w.exit_status(), 100);
+        assert_eq!(w.progress().failed, 3);
+    }
+
+    #[test]
+    fn missing_derivation_has_no_substituter() {
+        let t = T::new("missing");
+        let store = t.store();
+        let p = StorePath::from_base_name("3p0jy5ma51afh97jdkal0r83ipzs9l37-x.drv").unwrap();
+        let mut r = Reactor::new(&[libc::SIGCHLD]).unwrap();
+        let mut w = Worker::new(store, t.cfg(1, false));
+        let g = w.add_goal(p, None);
+        run_build(&mut w, &mut r, &mut |_, _| {}, &mut |_| {}).unwrap();
+        let Some(Outcome::Failed(f)) = w.outcome(g) else {
+            panic!()
+        };
+        assert_eq!(f.kind, FailureKind::NoSubstituter);
+        assert!(f.message.starts_with("cannot build missing derivation"));
+    }
+}
