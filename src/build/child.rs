@@ -27,6 +27,17 @@ pub enum ChildSetup {
     Plain,
 }
 
+/// Where the child's standard error goes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StderrTo {
+    /// The same pipe as standard output (builders: one log).
+    #[default]
+    Output,
+    /// A pipe of its own, read with [`Child::read_stderr`] (evaluators: jobs on standard
+    /// output, diagnostics on standard error).
+    Separate,
+}
+
 /// An environment: `(name, value)` pairs, raw bytes.
 pub type EnvVars = Vec<(Vec<u8>, Vec<u8>)>;
 
@@ -43,6 +54,7 @@ pub struct SpawnSpec {
     pub cwd: Option<PathBuf>,
     /// Kill the child (SIGKILL) when the thread that started it dies.
     pub die_with_parent: bool,
+    pub stderr: StderrTo,
     pub setup: ChildSetup,
 }
 
@@ -61,6 +73,7 @@ impl SpawnSpec {
             env: Vec::new(),
             cwd: None,
             die_with_parent: true,
+            stderr: StderrTo::Output,
             setup: ChildSetup::Plain,
         }
     }
@@ -161,6 +174,8 @@ pub struct Child {
     pid: libc::pid_t,
     program: PathBuf,
     out: Option<OwnedFd>,
+    /// Standard error, when it has a pipe of its own, and that pipe's token.
+    stderr: Option<(OwnedFd, Token)>,
     exec_err: OwnedFd,
     token: Token,
     status: Option<ExitStatus>,
@@ -201,6 +216,7 @@ struct ChildArgs {
     cwd: *const libc::c_char,
     devnull: *const libc::c_char,
     out_w: RawFd,
+    stderr_w: RawFd,
     err_w: RawFd,
     die_with_parent: bool,
     parent: libc::pid_t,
@@ -210,7 +226,7 @@ struct ChildArgs {
 extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     // SAFETY: `arg` points to the parent's ChildArgs, alive while the parent waits.
     let a = unsafe { &*(arg as *const ChildArgs) };
-    let (w, e) = (a.out_w, a.err_w);
+    let (w, w2, e) = (a.out_w, a.stderr_w, a.err_w);
     // SAFETY: system calls on descriptors and strings prepared by the parent.
     unsafe {
         // No parent handler may run here: default every signal, then unblock.
@@ -231,7 +247,7 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         if libc::setsid() < 0 {
             child_fail(e, 0);
         }
-        if libc::dup2(w, 1) < 0 || libc::dup2(w, 2) < 0 {
+        if libc::dup2(w, 1) < 0 || libc::dup2(w2, 2) < 0 {
             child_fail(e, 1);
         }
         let null = libc::open(a.devnull, libc::O_RDWR);
@@ -267,6 +283,28 @@ fn child_fail(err_fd: RawFd, step: u32) -> ! {
         msg[4..].copy_from_slice(&errno.to_ne_bytes());
         libc::write(err_fd, msg.as_ptr().cast(), msg.len());
         libc::_exit(127)
+    }
+}
+
+/// Reads a non-blocking pipe until it would block (`Open`) or hits end of file (`Eof`).
+fn drain(raw: RawFd, sink: &mut dyn FnMut(&[u8])) -> io::Result<ReadState> {
+    let mut buf = [0u8; 65536];
+    loop {
+        // SAFETY: reading into a stack buffer of the given size.
+        let n = unsafe { libc::read(raw, buf.as_mut_ptr().cast(), buf.len()) };
+        if n > 0 {
+            sink(&buf[..n as usize]);
+            continue;
+        }
+        if n == 0 {
+            return Ok(ReadState::Eof);
+        }
+        let err = io::Error::last_os_error();
+        match err.kind() {
+            io::ErrorKind::WouldBlock => return Ok(ReadState::Open),
+            io::ErrorKind::Interrupted => continue,
+            _ => return Err(err),
+        }
     }
 }
 
@@ -318,6 +356,19 @@ impl Child {
             .registry()
             .register(&mut SourceFd(&out_r.as_raw_fd()), token, Interest::READABLE)
             .map_err(io_err("register output pipe of"))?;
+        let stderr_pipe = match spec.stderr {
+            StderrTo::Output => None,
+            StderrTo::Separate => {
+                let (r, w) = pipe_cloexec().map_err(io_err("create error pipe for"))?;
+                set_nonblocking(r.as_raw_fd()).map_err(io_err("set up error pipe for"))?;
+                let t = reactor.alloc_token(owner);
+                reactor
+                    .registry()
+                    .register(&mut SourceFd(&r.as_raw_fd()), t, Interest::READABLE)
+                    .map_err(io_err("register error pipe of"))?;
+                Some((r, w, t))
+            }
+        };
         let args = ChildArgs {
             prog: prog_c.as_ptr(),
             argv: argv.as_ptr(),
@@ -325,6 +376,9 @@ impl Child {
             cwd: cwd_c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
             devnull: devnull.as_ptr(),
             out_w: out_w.as_raw_fd(),
+            stderr_w: stderr_pipe
+                .as_ref()
+                .map_or(out_w.as_raw_fd(), |(_, w, _)| w.as_raw_fd()),
             err_w: err_w.as_raw_fd(),
             die_with_parent: spec.die_with_parent,
             parent: std::process::id() as libc::pid_t,
@@ -356,6 +410,9 @@ impl Child {
                 let _ = reactor
                     .registry()
                     .deregister(&mut SourceFd(&out_r.as_raw_fd()));
+                if let Some((r, _, _)) = &stderr_pipe {
+                    let _ = reactor.registry().deregister(&mut SourceFd(&r.as_raw_fd()));
+                }
                 return Err(io_err("start")(err));
             }
             pid
@@ -367,6 +424,7 @@ impl Child {
             pid,
             program,
             out: Some(out_r),
+            stderr: stderr_pipe.map(|(r, _w, t)| (r, t)),
             exec_err: err_r,
             token,
             status: None,
@@ -385,13 +443,19 @@ impl Child {
         self.status
     }
 
-    pub fn eof(&self) -> bool {
-        self.out.is_none()
+    /// Whether `token` is one of this child's pipes.
+    pub fn owns(&self, token: Token) -> bool {
+        token == self.token || self.stderr.as_ref().is_some_and(|(_, t)| *t == token)
     }
 
-    /// The pipe hit end of file and the process was reaped.
+    /// Every pipe of the child hit end of file.
+    pub fn eof(&self) -> bool {
+        self.out.is_none() && self.stderr.is_none()
+    }
+
+    /// The pipes hit end of file and the process was reaped.
     pub fn is_done(&self) -> bool {
-        self.out.is_none() && self.status.is_some()
+        self.eof() && self.status.is_some()
     }
 
     /// Reads everything available from the output pipe, passing it to `sink`. At end of file
@@ -405,31 +469,43 @@ impl Child {
             return Ok(ReadState::Eof);
         };
         let raw = fd.as_raw_fd();
-        let mut buf = [0u8; 65536];
-        loop {
-            // SAFETY: reading into a stack buffer of the given size.
-            let n = unsafe { libc::read(raw, buf.as_mut_ptr().cast(), buf.len()) };
-            if n > 0 {
-                sink(&buf[..n as usize]);
-                continue;
-            }
-            if n == 0 {
-                self.close_output(reactor);
-                return Ok(ReadState::Eof);
-            }
-            let err = io::Error::last_os_error();
-            match err.kind() {
-                io::ErrorKind::WouldBlock => return Ok(ReadState::Open),
-                io::ErrorKind::Interrupted => continue,
-                _ => {
-                    self.close_output(reactor);
-                    return Err(ChildError::Io {
-                        op: "read output of",
-                        program: self.program.clone(),
-                        err,
-                    });
-                }
-            }
+        let r = drain(raw, sink);
+        if !matches!(r, Ok(ReadState::Open)) {
+            self.close_output(reactor);
+        }
+        r.map_err(|err| ChildError::Io {
+            op: "read output of",
+            program: self.program.clone(),
+            err,
+        })
+    }
+
+    /// Reads everything available from the separate standard error pipe (end of file at
+    /// once when standard error shares the output pipe).
+    pub fn read_stderr(
+        &mut self,
+        reactor: &Reactor,
+        sink: &mut dyn FnMut(&[u8]),
+    ) -> Result<ReadState, ChildError> {
+        let Some((fd, _)) = &self.stderr else {
+            return Ok(ReadState::Eof);
+        };
+        let r = drain(fd.as_raw_fd(), sink);
+        if !matches!(r, Ok(ReadState::Open)) {
+            self.close_stderr(reactor);
+        }
+        r.map_err(|err| ChildError::Io {
+            op: "read error output of",
+            program: self.program.clone(),
+            err,
+        })
+    }
+
+    fn close_stderr(&mut self, reactor: &Reactor) {
+        if let Some((fd, _)) = self.stderr.take() {
+            let _ = reactor
+                .registry()
+                .deregister(&mut SourceFd(&fd.as_raw_fd()));
         }
     }
 
@@ -516,6 +592,7 @@ impl Child {
     /// Kills the group, reaps the child and closes its pipe: for timeouts and cancellation.
     pub fn kill_and_reap(&mut self, reactor: &Reactor) -> Result<(), ChildError> {
         self.close_output(reactor);
+        self.close_stderr(reactor);
         if self.status.is_none() {
             self.kill_group();
             self.reap_blocking()?;

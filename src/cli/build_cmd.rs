@@ -162,8 +162,9 @@ fn parse_target(
     Ok(Target { drv, outputs: outs })
 }
 
-pub fn build(g: &Global, args: &[String]) -> CliResult {
-    let mut o = getopts::Options::new();
+/// The options that shape the Worker, shared by `build` and the CI daemon.
+pub(super) fn worker_options(o: &mut getopts::Options) {
+    o.optflag("L", "print-build-logs", "copy builder output to stderr");
     o.optopt(
         "j",
         "max-jobs",
@@ -203,8 +204,35 @@ pub fn build(g: &Global, args: &[String]) -> CliResult {
         "cache-failures",
         "remember failed outputs and fail them at once",
     );
+}
+
+/// The Worker configuration from [`worker_options`].
+pub(super) fn worker_config(m: &getopts::Matches) -> Result<WorkerConfig, CliError> {
+    let secs = |v: Option<u64>| v.filter(|s| *s > 0).map(Duration::from_secs);
+    Ok(WorkerConfig {
+        max_jobs: match m.opt_str("max-jobs").as_deref() {
+            Some("auto") => nproc(),
+            Some(_) => parse_num(m, "max-jobs")?.unwrap_or(1),
+            None => 1,
+        },
+        cores: match parse_num::<u32>(m, "cores")? {
+            Some(0) | None => nproc(),
+            Some(n) => n,
+        },
+        keep_going: m.opt_present("keep-going"),
+        max_silent_time: secs(parse_num(m, "max-silent-time")?),
+        timeout: secs(parse_num(m, "timeout")?),
+        keep_failed: m.opt_present("keep-failed"),
+        cache_failures: m.opt_present("cache-failures"),
+        echo_output: m.opt_present("print-build-logs"),
+        ..WorkerConfig::default()
+    })
+}
+
+pub fn build(g: &Global, args: &[String]) -> CliResult {
+    let mut o = getopts::Options::new();
+    worker_options(&mut o);
     o.optflag("", "print-build-trace", "print '@ build-started' ... lines");
-    o.optflag("L", "print-build-logs", "copy builder output to stderr");
     o.optflag(
         "",
         "stats",
@@ -217,25 +245,7 @@ pub fn build(g: &Global, args: &[String]) -> CliResult {
         return Err(CliError::usage("build needs at least one DRV"));
     }
     let t0 = Instant::now();
-    let secs = |v: Option<u64>| v.filter(|s| *s > 0).map(Duration::from_secs);
-    let cfg = WorkerConfig {
-        max_jobs: match m.opt_str("max-jobs").as_deref() {
-            Some("auto") => nproc(),
-            Some(_) => parse_num(&m, "max-jobs")?.unwrap_or(1),
-            None => 1,
-        },
-        cores: match parse_num::<u32>(&m, "cores")? {
-            Some(0) | None => nproc(),
-            Some(n) => n,
-        },
-        keep_going: m.opt_present("keep-going"),
-        max_silent_time: secs(parse_num(&m, "max-silent-time")?),
-        timeout: secs(parse_num(&m, "timeout")?),
-        keep_failed: m.opt_present("keep-failed"),
-        cache_failures: m.opt_present("cache-failures"),
-        echo_output: m.opt_present("print-build-logs"),
-        ..WorkerConfig::default()
-    };
+    let cfg = worker_config(&m)?;
     let store = g.open_store()?;
     let targets: Vec<Target> = m
         .free

@@ -1,7 +1,6 @@
 //! `hauberk ci ...`: the queries over the CI database (`list`, `show`). Parses their
-//! options and prints what `ci::query` renders; knows nothing of SQL. The daemon mode
-//! (`hauberk ci --specifications FILE ...`) lives in another module and is reached
-//! through the last arm of [`run`].
+//! options and prints what `ci::query` renders; knows nothing of SQL. Anything else is the
+//! daemon (`ci_daemon_cmd`).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -10,7 +9,9 @@ use super::{parse_opts, CliError, CliResult, Global};
 use crate::ci::db::{default_database, BuildFilter, BuildStatus, CiDb, EvalFilter, EvalStatus};
 use crate::ci::query;
 
-const USAGE: &str = "Usage: hauberk ci list specs|evals|builds [OPTIONS]
+const USAGE: &str =
+    "Usage: hauberk ci --specifications FILE [OPTIONS]   (the daemon; ci --specifications F --help)
+       hauberk ci list specs|evals|builds [OPTIONS]
        hauberk ci show build ID|DERIVATION [OPTIONS]
 
 Queries over the CI database (default <state-dir>/ci/ci.sqlite).
@@ -34,18 +35,8 @@ pub fn run(g: &Global, args: &[String]) -> CliResult {
     match args.first().map(String::as_str) {
         Some("list") => list(g, &args[1..]),
         Some("show") => show(g, &args[1..]),
-        // Integrator: everything else is the daemon; make this arm
-        // `_ => crate::ci::daemon::run(g, args),` once `ci/daemon.rs` exists.
-        _ => not_a_query(args),
-    }
-}
-
-fn not_a_query(args: &[String]) -> CliResult {
-    match args.first().map(String::as_str) {
         Some("-h") | Some("--help") => emit(&format!("{USAGE}\n")),
-        Some(other) => Err(CliError::usage(format!(
-            "unknown ci subcommand '{other}' (expected 'list' or 'show')\n{USAGE}"
-        ))),
+        Some(_) => super::ci_daemon_cmd::run(g, args),
         None => Err(CliError::usage(format!("missing ci subcommand\n{USAGE}"))),
     }
 }

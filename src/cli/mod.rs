@@ -3,6 +3,7 @@
 
 mod build_cmd;
 mod ci_cmd;
+mod ci_daemon_cmd;
 mod ci_fetch_cmd;
 mod drv_cmd;
 mod eval_jobs_cmd;
@@ -78,6 +79,8 @@ Commands:
                     derivations: add to the store, show as JSON, compute paths
   eval-jobs         the built-in CI evaluator: a jobs file to .drv files and JSON lines
   ci-fetch          (internal) fetch one CI input with git; run by the CI daemon
+  ci --specifications FILE [--one-shot] ...
+                    the CI daemon: fetch, evaluate, build (hauberk ci --help)
   ci list specs|evals|builds, ci show build ID|DRV
                     the CI database: specifications, evaluations, builds
   build DRV...      realise derivations, print their output paths

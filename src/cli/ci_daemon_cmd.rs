@@ -1,0 +1,154 @@
+//! `hauberk ci --specifications FILE ...`: the CI daemon's options, turned into a
+//! `DaemonConfig`; then the daemon runs and, in one-shot mode, its summary is printed.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::build_cmd::{worker_config, worker_options};
+use super::{parse_opts, CliError, CliResult, Global};
+use crate::ci::daemon::{Daemon, DaemonConfig};
+use crate::ci::db::default_database;
+
+const USAGE: &str = "Usage: hauberk ci --specifications FILE [OPTIONS]
+
+Runs the CI daemon: fetches each specification's git inputs, evaluates them when their
+commits changed, registers the jobs as builds and builds them, all in one event loop.
+See hauberk(1) and, for the specifications file, hauberk(5).";
+
+fn secs(m: &getopts::Matches, opt: &str, default: u64) -> Result<Duration, CliError> {
+    match m.opt_str(opt) {
+        None => Ok(Duration::from_secs(default)),
+        Some(v) => v
+            .parse::<u64>()
+            .map(Duration::from_secs)
+            .map_err(|_| CliError::usage(format!("--{opt}: '{v}' is not a number of seconds"))),
+    }
+}
+
+pub fn run(g: &Global, args: &[String]) -> CliResult {
+    let mut o = getopts::Options::new();
+    o.optopt(
+        "S",
+        "specifications",
+        "the specifications file (hauberk(5))",
+        "FILE",
+    );
+    o.optopt(
+        "",
+        "database",
+        "the CI database (default <state-dir>/ci/ci.sqlite)",
+        "FILE",
+    );
+    o.optopt(
+        "",
+        "cache-directory",
+        "git caches and compiled checkouts (default <state-dir>/ci/cache)",
+        "DIR",
+    );
+    o.optflag(
+        "",
+        "one-shot",
+        "one pass over every specification, wait for its builds, print a summary",
+    );
+    o.optopt("", "interval", "seconds between passes (default 300)", "S");
+    o.optopt(
+        "",
+        "ttl",
+        "seconds GC roots of successful builds are kept (default 30 days)",
+        "S",
+    );
+    o.optopt(
+        "",
+        "cancel-older-than",
+        "at start-up, cancel pending builds older than S seconds",
+        "S",
+    );
+    o.optopt(
+        "",
+        "fetch-timeout",
+        "kill a git fetch after S seconds (default 600)",
+        "S",
+    );
+    o.optopt(
+        "",
+        "eval-timeout",
+        "kill an evaluator after S seconds (default 3600)",
+        "S",
+    );
+    o.optopt(
+        "",
+        "window",
+        "builds handed to the build loop at once (default 8 per job slot)",
+        "N",
+    );
+    o.optflag(
+        "",
+        "use-substitutes",
+        "allow substitutes (needs --substituters, see hauberk(1))",
+    );
+    o.optflag("", "fallback", "build when a substitute fails");
+    worker_options(&mut o);
+    let Some(m) = parse_opts(&mut o, args, USAGE)? else {
+        return Ok(0);
+    };
+    if !m.free.is_empty() {
+        return Err(CliError::usage(format!(
+            "unexpected argument '{}'",
+            m.free[0]
+        )));
+    }
+    let Some(specs_file) = m.opt_str("specifications") else {
+        return Err(CliError::usage(format!(
+            "missing --specifications FILE\n{USAGE}"
+        )));
+    };
+    let worker = worker_config(&m)?;
+    let window = match m.opt_str("window") {
+        Some(v) => v
+            .parse::<usize>()
+            .map_err(|_| CliError::usage(format!("--window: '{v}' is not a number")))?,
+        None => (8 * worker.max_jobs as usize).max(16),
+    };
+    let exe = std::env::current_exe()
+        .map_err(|e| CliError::new(format!("find the hauberk executable: {e}")))?;
+    let hauberk = vec![
+        exe.to_string_lossy().into_owned(),
+        "--store-dir".into(),
+        g.store_dir.clone(),
+        "--state-dir".into(),
+        g.state_dir.to_string_lossy().into_owned(),
+    ];
+    let cfg = DaemonConfig {
+        specs_file: PathBuf::from(specs_file),
+        database: m
+            .opt_str("database")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| default_database(&g.state_dir)),
+        cache_dir: m
+            .opt_str("cache-directory")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| g.state_dir.join("ci").join("cache")),
+        one_shot: m.opt_present("one-shot"),
+        interval: secs(&m, "interval", 300)?,
+        ttl: secs(&m, "ttl", 30 * 24 * 3600)?,
+        cancel_older_than: m
+            .opt_present("cancel-older-than")
+            .then(|| secs(&m, "cancel-older-than", 0).map(|d| d.as_secs()))
+            .transpose()?,
+        fetch_timeout: secs(&m, "fetch-timeout", 600)?,
+        eval_timeout: secs(&m, "eval-timeout", 3600)?,
+        window,
+        hauberk,
+        store_dir: g.store_dir.clone(),
+        state_dir: g.state_dir.clone(),
+        worker,
+    };
+    let one_shot = cfg.one_shot;
+    let mut daemon = Daemon::new(cfg)?;
+    let summary = daemon.run()?;
+    if one_shot {
+        println!("hauberk ci: {summary}");
+        return Ok(if summary.all_succeeded() { 0 } else { 1 });
+    }
+    Ok(0)
+}
