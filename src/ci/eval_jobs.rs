@@ -94,6 +94,9 @@ pub struct JobSpec {
 pub struct JobsFile {
     /// How the file is named in messages.
     pub file: String,
+    /// The directory the file was read from: `source` paths without an input are relative
+    /// to it (inside the checkout that holds it), as paths in a Nix file are.
+    pub dir: Option<PathBuf>,
     pub jobs: Vec<JobSpec>,
 }
 
@@ -442,6 +445,7 @@ pub fn parse_jobs_file(text: &str, file: &str) -> Result<JobsFile, EvalJobsError
     }
     Ok(JobsFile {
         file: file.to_string(),
+        dir: None,
         jobs,
     })
 }
@@ -461,7 +465,9 @@ pub fn read_jobs_file(path: &Path, label: &str) -> Result<JobsFile, EvalJobsErro
             .count(),
         cause: "not UTF-8".into(),
     })?;
-    parse_jobs_file(&text, label)
+    let mut file = parse_jobs_file(&text, label)?;
+    file.dir = path.parent().map(Path::to_path_buf);
+    Ok(file)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -645,14 +651,26 @@ impl Evaluation<'_> {
 
     /// Adds a source to the store (once per real path).
     fn source(&mut self, src: &SourceSpec) -> Result<StorePath, String> {
+        // Without an input, the path is relative to the jobs file, inside the checkout
+        // that holds it (the first one when the file is elsewhere).
+        let file_dir = self.file.dir.as_ref().and_then(|d| d.canonicalize().ok());
+        let holder = file_dir.as_ref().and_then(|d| {
+            self.checkouts
+                .iter()
+                .find(|c| c.dir.canonicalize().is_ok_and(|root| d.starts_with(root)))
+        });
         let checkout = match &src.input {
-            None => self.checkouts.first(),
+            None => holder.or(self.checkouts.first()),
             Some(n) => self.checkouts.iter().find(|c| &c.name == n),
         }
         .ok_or_else(|| match &src.input {
             Some(n) => format!("no input named '{n}'"),
             None => "no checkout".to_string(),
         })?;
+        let start = match (&src.input, holder, &file_dir) {
+            (None, Some(_), Some(d)) => d.clone(),
+            _ => checkout.dir.clone(),
+        };
         let rel = Path::new(&src.path);
         if rel.is_absolute()
             || rel
@@ -665,10 +683,10 @@ impl Evaluation<'_> {
             .dir
             .canonicalize()
             .map_err(|e| format!("checkout {}: {e}", checkout.dir.display()))?;
-        let real = base
+        let real = start
             .join(rel)
             .canonicalize()
-            .map_err(|e| format!("{}: {e}", checkout.dir.join(rel).display()))?;
+            .map_err(|e| format!("{}: {e}", start.join(rel).display()))?;
         if !real.starts_with(&base) {
             return Err("leads outside the checkout".into());
         }
