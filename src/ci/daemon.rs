@@ -261,8 +261,8 @@ impl Daemon {
         self.db.set_build_status(drv, status, now())?;
         if status.is_terminal() {
             *self.summary.builds.entry(status).or_default() += 1;
-            log::info!("build {} {}: {}", b.id, status.name(), b.job_name);
         }
+        log::info!("build {} {}: {}", b.id, status.name(), b.job_name);
         if status == BuildStatus::Succeeded {
             self.add_roots(&b.outputs);
         }

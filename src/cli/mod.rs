@@ -172,6 +172,7 @@ fn init_logging(verbosity: usize) {
     let env = env_logger::Env::default().default_filter_or(level);
     let _ = env_logger::Builder::from_env(env)
         .format_target(false)
+        .format_timestamp_millis()
         .try_init();
 }
 
