@@ -56,7 +56,7 @@ for _ in $(seq 1 1200); do
   sleep 0.1
 done
 sleep 1
-pkill -TERM -f -- "--state-dir $WORK/state -v ci" || true
+pkill -TERM -P "$tpid" || true   # the daemon, child of time(1)
 wait "$tpid" || true
 python3 - "$log" "$WORK/time" "$N" <<'PY'
 import re, sys
