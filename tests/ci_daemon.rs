@@ -1042,6 +1042,54 @@ fn sighup_reloads_the_specifications() {
     assert_eq!(env.status("first", "x"), BuildStatus::Succeeded);
 }
 
+/// Clock ticks of CPU (user and system) a process used so far.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name, which is in parentheses: state is field 3, utime 14.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn a_spec_dropped_while_it_runs_finishes_then_the_daemon_idles_until_it_is_back() {
+    let env = Env::new("retired");
+    let keep = "[spec keep]\nevaluator = /bin/true\n\n";
+    let slow = "[spec slow]\nevaluator = /bin/sh -c \"sleep 1\"\n\n";
+    env.write_specs(&format!("{keep}{slow}"));
+    let mut d = env.spawn("daemon", &["--interval", "1"]);
+    let count = |d: &Daemon, what: &str| d.log_text().lines().filter(|l| l.contains(what)).count();
+    wait_until("slow's evaluation", Duration::from_secs(10), || {
+        count(&d, "spec 'slow': fetching -> evaluating") == 1
+    });
+
+    // Dropped while it evaluates: it finishes, and is not due again.
+    env.write_specs(keep);
+    d.signal(libc::SIGHUP);
+    wait_until("slow's evaluation to end", Duration::from_secs(10), || {
+        count(&d, "spec 'slow': evaluating -> idle") == 1
+    });
+    let pid = d.child.id();
+    let before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_ticks(pid) - before;
+    assert!(
+        used < 40,
+        "the daemon used {used} ticks of CPU in 2 s while idle"
+    );
+    assert_eq!(count(&d, "spec 'slow': idle -> fetching"), 1);
+    assert_eq!(env.evals_of("slow")[0].status, EvalStatus::Succeeded);
+
+    // Back in the file, it runs again.
+    env.write_specs(&format!("{keep}{slow}"));
+    d.signal(libc::SIGHUP);
+    wait_until("slow's next pass", Duration::from_secs(10), || {
+        count(&d, "spec 'slow': idle -> fetching") == 2
+    });
+    d.signal(libc::SIGTERM);
+    assert!(d.wait(Duration::from_secs(5)).success(), "{}", d.log_text());
+}
+
 // ---------------------------------------------------------------------------------------
 // GC roots
 

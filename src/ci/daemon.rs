@@ -381,10 +381,11 @@ impl Daemon {
             && self.worker.is_idle()
     }
 
+    /// When the next idle specification is due. Retired ones never are again.
     fn next_due(&self) -> Option<Instant> {
         self.specs
             .iter()
-            .filter(|s| matches!(s.state, SpecState::Idle))
+            .filter(|s| matches!(s.state, SpecState::Idle) && !s.retired)
             .map(|s| s.next_due)
             .min()
     }
@@ -404,6 +405,8 @@ impl Daemon {
                         Some(i) => {
                             let mut slot = old.swap_remove(i);
                             slot.spec = s;
+                            // Dropped while it ran, and back before it finished.
+                            slot.retired = false;
                             self.specs.push(slot);
                         }
                         None => self.specs.push(SpecSlot::new(s, now)),
@@ -432,6 +435,7 @@ impl Daemon {
         self.reactor.add_timer(Instant::now(), Owner::Ci, KEY_SWEEP);
         let mut wakes = Vec::new();
         let mut interrupted = None;
+        let mut tick = None;
         let result = loop {
             if let Err(e) = self.start_due_specs() {
                 break Err(e);
@@ -447,8 +451,10 @@ impl Daemon {
                 break Ok(());
             }
             if let Some(at) = self.next_due() {
-                if !self.cfg.one_shot {
+                // One timer per deadline, not one per turn of the loop.
+                if !self.cfg.one_shot && tick != Some(at) {
                     self.reactor.add_timer(at, Owner::Ci, KEY_TICK);
+                    tick = Some(at);
                 }
             }
             wakes.clear();
