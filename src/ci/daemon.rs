@@ -309,6 +309,11 @@ impl Daemon {
         }
     }
 
+    /// How often the TTL sweep runs: a tenth of the TTL, between a minute and an hour.
+    fn sweep_every(&self) -> Duration {
+        (self.cfg.ttl / 10).clamp(Duration::from_secs(60), Duration::from_secs(3600))
+    }
+
     fn status_of_failure(&self, kind: FailureKind, stopping: bool) -> BuildStatus {
         match kind {
             FailureKind::BuilderFailed | FailureKind::CachedFailure => BuildStatus::Failed,
@@ -432,7 +437,10 @@ impl Daemon {
     /// Runs until a one-shot pass is done, or until SIGTERM/SIGINT.
     pub fn run(&mut self) -> Result<Summary, DaemonError> {
         self.repair()?;
-        self.reactor.add_timer(Instant::now(), Owner::Ci, KEY_SWEEP);
+        // The first sweep now: a one-shot run with nothing to do never waits for a timer.
+        self.sweep_roots();
+        self.reactor
+            .add_timer(Instant::now() + self.sweep_every(), Owner::Ci, KEY_SWEEP);
         let mut wakes = Vec::new();
         let mut interrupted = None;
         let mut tick = None;
@@ -540,10 +548,8 @@ impl Daemon {
             KEY_TICK => Ok(()),
             KEY_SWEEP => {
                 self.sweep_roots();
-                let every =
-                    (self.cfg.ttl / 10).clamp(Duration::from_secs(60), Duration::from_secs(3600));
                 self.reactor
-                    .add_timer(Instant::now() + every, Owner::Ci, KEY_SWEEP);
+                    .add_timer(Instant::now() + self.sweep_every(), Owner::Ci, KEY_SWEEP);
                 Ok(())
             }
             key => self.on_eval_timer(key),
