@@ -791,6 +791,50 @@ fn already_valid_outputs_are_marked_succeeded_at_once() {
     assert_eq!(builds[0].start, 0, "{:?}", builds[0]);
 }
 
+#[test]
+fn builds_of_higher_priority_specifications_go_first() {
+    let env = Env::new("priority");
+    let order = env.dir.join("order");
+    let jobs = |tag: &str| -> String {
+        (0..3)
+            .map(|i| {
+                job(
+                    &format!("{tag}{i}"),
+                    &format!(
+                        "sleep 0.1; echo {tag} >> {}; echo > \"$out\"",
+                        order.display()
+                    ),
+                    &[],
+                )
+            })
+            .collect()
+    };
+    let low = env.repo("low");
+    low.commit(&[("jobs.conf", &jobs("low"))]);
+    let high = env.repo("high");
+    high.commit(&[("jobs.conf", &jobs("high"))]);
+    // 'low' comes first in the file; lower values go first.
+    let with_priority =
+        |spec: String, p: u32| spec.replacen("]\n", &format!("]\npriority = {p}\n"), 1);
+    env.write_specs(&format!(
+        "{}{}",
+        with_priority(builtin_spec("low", &low.url(), "branch = main"), 9),
+        with_priority(builtin_spec("high", &high.url(), "branch = main"), 0),
+    ));
+    let run = env.one_shot(&["--max-jobs", "1", "--window", "1"]);
+    run.assert_succeeded();
+    run.assert_summary(&summary([2, 0], 0, [6, 0, 0, 0, 0]));
+    // The first build starts as soon as its evaluation registers it; every later one is
+    // picked by priority.
+    let order = fs::read_to_string(&order).unwrap();
+    let rest: Vec<&str> = order.lines().skip(1).collect();
+    let first_low = rest.iter().position(|t| *t == "low").unwrap();
+    assert!(
+        rest[first_low..].iter().all(|t| *t == "low"),
+        "build order: {order}\n{run:?}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // Start-up repair, signals
 
