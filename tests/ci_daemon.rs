@@ -989,17 +989,24 @@ fn sigkill_at_random_moments_then_a_restart_completes() {
 #[test]
 fn sigterm_stops_children_and_leaves_nothing_started() {
     let env = Env::new("sigterm");
+    // Builders and an evaluator that hang until the file 'fast' exists.
+    let fast = env.dir.join("fast");
+    let slow = |what: &str| format!("test -e {} || sleep {what}", fast.display());
     let repo = env.repo("proj");
     repo.commit(&[(
         "jobs.conf",
         &[
-            job("long1", "sleep 7.25; echo > \"$out\"", &[]),
-            job("long2", "sleep 7.25; echo > \"$out\"", &[]),
+            job("long1", &format!("{}; echo > \"$out\"", slow("7.25")), &[]),
+            job("long2", &format!("{}; echo > \"$out\"", slow("7.25")), &[]),
             job("after", "cat \"$long1\" > \"$out\"", &["long1"]),
         ]
         .concat(),
     )]);
-    env.write_specs(&builtin_spec("proj", &repo.url(), "branch = main"));
+    env.write_specs(&format!(
+        "{}[spec hanging]\nevaluator = /bin/sh -c \"{}\"\n",
+        builtin_spec("proj", &repo.url(), "branch = main"),
+        slow("7.75")
+    ));
     let mut d = env.spawn("daemon", &["--one-shot", "--max-jobs", "2"]);
     wait_until("two builds started", Duration::from_secs(10), || {
         env.db_file().exists()
@@ -1010,24 +1017,42 @@ fn sigterm_stops_children_and_leaves_nothing_started() {
                 .count()
                 == 2
     });
-    assert_eq!(processes_running(&["sleep", "7.25"]).len(), 2);
+    wait_until(
+        "the builders and the evaluator to sleep",
+        Duration::from_secs(5),
+        || {
+            processes_running(&["sleep", "7.25"]).len() == 2
+                && processes_running(&["sleep", "7.75"]).len() == 1
+        },
+    );
     d.signal(libc::SIGTERM);
     let status = d.wait(Duration::from_secs(5));
     // A one-shot run that was interrupted did not succeed; it exited rather than died.
     assert!(status.code().is_some_and(|c| c != 0), "{status}");
-    wait_until("the builders to be gone", Duration::from_secs(3), || {
-        processes_running(&["sleep", "7.25"]).is_empty()
-    });
+    wait_until(
+        "the builders and the evaluator to be gone",
+        Duration::from_secs(3),
+        || {
+            processes_running(&["sleep", "7.25"]).is_empty()
+                && processes_running(&["sleep", "7.75"]).is_empty()
+        },
+    );
     let builds = env.builds();
     assert_eq!(builds.len(), 3);
     for b in &builds {
         assert_eq!(b.status, BuildStatus::Scheduled, "{b:?}\n{}", d.log_text());
         assert_eq!(b.start, 0, "{b:?}");
     }
-    assert!(env
-        .evals()
-        .iter()
-        .all(|e| e.status == EvalStatus::Succeeded));
+    assert_eq!(env.evals_of("proj")[0].status, EvalStatus::Succeeded);
+    assert_eq!(env.evals_of("hanging")[0].status, EvalStatus::Aborted);
+
+    // A restart picks everything up.
+    fs::write(&fast, "").unwrap();
+    let run = env.one_shot(&[]);
+    run.assert_succeeded();
+    run.assert_summary(&summary([1, 0], 0, [3, 0, 0, 0, 0]));
+    assert_eq!(env.evals_of("hanging")[1].status, EvalStatus::Succeeded);
+    env.assert_nothing_pending();
 }
 
 #[test]
