@@ -417,6 +417,46 @@ fn processes_running(argv: &[&str]) -> Vec<u32> {
     found
 }
 
+/// Adds a derivation with a /bin/sh builder through `hauberk drv add`; returns a build
+/// of it for the database.
+fn add_drv(env: &Env, name: &str, text: &str) -> NewBuild {
+    let script = format!("{LIB_SH}\nmkdrv {name} {text}\n");
+    let out = Command::new("/bin/sh")
+        .args(["-c", &script])
+        .envs(env.hauberk().get_envs().filter_map(|(k, v)| Some((k, v?))))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let drv = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let outputs = env
+        .hauberk()
+        .args(["drv", "outputs", &drv])
+        .output()
+        .unwrap();
+    let outputs = String::from_utf8(outputs.stdout).unwrap();
+    let (_, out) = outputs.trim().split_once(' ').unwrap();
+    NewBuild {
+        derivation: drv,
+        job_name: name.to_string(),
+        system: hauberk::ci::spec::host_system(),
+        nix_name: name.to_string(),
+        outputs: vec![("out".to_string(), out.to_string())],
+    }
+}
+
+/// Clock ticks of CPU (user and system) a process used so far.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name, which is in parentheses: state is field 3, utime 14.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
 /// A small deterministic generator for the kill delays; its seed is printed so that a
 /// failing round can be replayed with HAUBERK_TEST_SEED.
 struct Rng(u64);
@@ -838,37 +878,6 @@ fn builds_of_higher_priority_specifications_go_first() {
 // ---------------------------------------------------------------------------------------
 // Start-up repair, signals
 
-/// Adds a derivation with a /bin/sh builder through `hauberk drv add`; returns a build
-/// of it for the database.
-fn add_drv(env: &Env, name: &str, text: &str) -> NewBuild {
-    let script = format!("{LIB_SH}\nmkdrv {name} {text}\n");
-    let out = Command::new("/bin/sh")
-        .args(["-c", &script])
-        .envs(env.hauberk().get_envs().filter_map(|(k, v)| Some((k, v?))))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let drv = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    let outputs = env
-        .hauberk()
-        .args(["drv", "outputs", &drv])
-        .output()
-        .unwrap();
-    let outputs = String::from_utf8(outputs.stdout).unwrap();
-    let (_, out) = outputs.trim().split_once(' ').unwrap();
-    NewBuild {
-        derivation: drv,
-        job_name: name.to_string(),
-        system: hauberk::ci::spec::host_system(),
-        nix_name: name.to_string(),
-        outputs: vec![("out".to_string(), out.to_string())],
-    }
-}
-
 #[test]
 fn start_up_repair_cancels_old_and_orphaned_builds_and_restarts_the_rest() {
     let env = Env::new("repair");
@@ -1109,15 +1118,6 @@ fn sighup_reloads_the_specifications() {
     let status = d.wait(Duration::from_secs(5));
     assert!(status.success(), "{status}: {}", d.log_text());
     assert_eq!(env.status("first", "x"), BuildStatus::Succeeded);
-}
-
-/// Clock ticks of CPU (user and system) a process used so far.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the command name, which is in parentheses: state is field 3, utime 14.
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
 }
 
 #[test]
