@@ -767,6 +767,36 @@ fn an_unreachable_repository_fails_its_spec_alone() {
     assert_eq!(env.status("good", "fine"), BuildStatus::Succeeded);
 }
 
+#[test]
+fn a_fetch_that_hangs_is_killed_after_its_timeout() {
+    let env = Env::new("fetch-timeout");
+    let repo = env.repo("proj");
+    repo.commit(&[("jobs.conf", &echo_job("fine", "fine"))]);
+    // A git:// server that accepts connections and never answers.
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("git://{}/stuck.git", server.local_addr().unwrap());
+    env.write_specs(
+        &[
+            builtin_spec("stuck", &url, "branch = main"),
+            builtin_spec("good", &repo.url(), "branch = main"),
+        ]
+        .concat(),
+    );
+    let start = Instant::now();
+    let run = env.one_shot(&["--fetch-timeout", "1"]);
+    assert!(start.elapsed() < Duration::from_secs(10), "{run:?}");
+    run.assert_failed();
+    run.assert_summary(&summary([1, 0], 1, [1, 0, 0, 0, 0]));
+    assert!(
+        run.stderr.contains(&format!(
+            "spec 'stuck': input 'src' ({url}): fetch timed out after 1 s"
+        )),
+        "{run:?}"
+    );
+    assert!(env.evals_of("stuck").is_empty());
+    assert_eq!(env.status("good", "fine"), BuildStatus::Succeeded);
+}
+
 // ---------------------------------------------------------------------------------------
 // Building
 
