@@ -309,6 +309,11 @@ impl Daemon {
         }
     }
 
+    /// How often the TTL sweep runs: a tenth of the TTL, between a minute and an hour.
+    fn sweep_every(&self) -> Duration {
+        (self.cfg.ttl / 10).clamp(Duration::from_secs(60), Duration::from_secs(3600))
+    }
+
     fn status_of_failure(&self, kind: FailureKind, stopping: bool) -> BuildStatus {
         match kind {
             FailureKind::BuilderFailed | FailureKind::CachedFailure => BuildStatus::Failed,
@@ -381,10 +386,11 @@ impl Daemon {
             && self.worker.is_idle()
     }
 
+    /// When the next idle specification is due. Retired ones never are again.
     fn next_due(&self) -> Option<Instant> {
         self.specs
             .iter()
-            .filter(|s| matches!(s.state, SpecState::Idle))
+            .filter(|s| matches!(s.state, SpecState::Idle) && !s.retired)
             .map(|s| s.next_due)
             .min()
     }
@@ -404,6 +410,8 @@ impl Daemon {
                         Some(i) => {
                             let mut slot = old.swap_remove(i);
                             slot.spec = s;
+                            // Dropped while it ran, and back before it finished.
+                            slot.retired = false;
                             self.specs.push(slot);
                         }
                         None => self.specs.push(SpecSlot::new(s, now)),
@@ -429,9 +437,13 @@ impl Daemon {
     /// Runs until a one-shot pass is done, or until SIGTERM/SIGINT.
     pub fn run(&mut self) -> Result<Summary, DaemonError> {
         self.repair()?;
-        self.reactor.add_timer(Instant::now(), Owner::Ci, KEY_SWEEP);
+        // The first sweep now: a one-shot run with nothing to do never waits for a timer.
+        self.sweep_roots();
+        self.reactor
+            .add_timer(Instant::now() + self.sweep_every(), Owner::Ci, KEY_SWEEP);
         let mut wakes = Vec::new();
         let mut interrupted = None;
+        let mut tick = None;
         let result = loop {
             if let Err(e) = self.start_due_specs() {
                 break Err(e);
@@ -447,8 +459,10 @@ impl Daemon {
                 break Ok(());
             }
             if let Some(at) = self.next_due() {
-                if !self.cfg.one_shot {
+                // One timer per deadline, not one per turn of the loop.
+                if !self.cfg.one_shot && tick != Some(at) {
                     self.reactor.add_timer(at, Owner::Ci, KEY_TICK);
+                    tick = Some(at);
                 }
             }
             wakes.clear();
@@ -534,10 +548,8 @@ impl Daemon {
             KEY_TICK => Ok(()),
             KEY_SWEEP => {
                 self.sweep_roots();
-                let every =
-                    (self.cfg.ttl / 10).clamp(Duration::from_secs(60), Duration::from_secs(3600));
                 self.reactor
-                    .add_timer(Instant::now() + every, Owner::Ci, KEY_SWEEP);
+                    .add_timer(Instant::now() + self.sweep_every(), Owner::Ci, KEY_SWEEP);
                 Ok(())
             }
             key => self.on_eval_timer(key),
