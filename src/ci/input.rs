@@ -489,10 +489,7 @@ pub fn fetch(cache_dir: &Path, url: &str, r: &GitRef) -> Result<(PathBuf, Oid), 
     log::info!("fetching {url} into {}", dir.display());
     fetch_all(&repo, url)?;
     let oid = resolve(&repo, url, r)?;
-    log::info!(
-        "{} of {url} is commit {oid}",
-        format!("{} '{}'", r.kind(), r.value())
-    );
+    log::info!("{} '{}' of {url} is commit {oid}", r.kind(), r.value());
     Ok((dir, oid))
 }
 
