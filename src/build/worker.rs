@@ -191,6 +191,7 @@ pub struct Worker {
     /// builder starts before the whole graph is loaded.
     awake: Vec<GoalId>,
     slot_queue: VecDeque<GoalId>,
+    local_queue: VecDeque<GoalId>,
     running: Vec<(GoalId, Token)>,
     by_token: HashMap<Token, GoalId>,
     to_register: Vec<GoalId>,
@@ -225,6 +226,7 @@ impl Worker {
             subst_goals: HashMap::new(),
             awake: Vec::new(),
             slot_queue: VecDeque::new(),
+            local_queue: VecDeque::new(),
             running: Vec::new(),
             by_token: HashMap::new(),
             to_register: Vec::new(),
@@ -330,7 +332,9 @@ impl Worker {
         !self.awake.is_empty()
             || self.registration_due()
             || !self.timers.is_empty()
-            || (!self.should_stop() && self.has_free_slot(false) && !self.slot_queue.is_empty())
+            || (!self.should_stop()
+                && ((self.has_free_slot(false) && !self.slot_queue.is_empty())
+                    || (self.has_free_slot(true) && !self.local_queue.is_empty())))
     }
 
     /// Nothing runs, nothing is queued to run and nothing waits on a timer, yet goals are
@@ -469,7 +473,13 @@ impl Worker {
         }
         // Entering.
         match &new {
-            NewState::Drv(DrvState::WaitingForSlot { .. }) => self.slot_queue.push_back(id),
+            NewState::Drv(DrvState::WaitingForSlot { plan }) => {
+                if plan.prefer_local {
+                    self.local_queue.push_back(id)
+                } else {
+                    self.slot_queue.push_back(id)
+                }
+            }
             NewState::Drv(DrvState::WaitingForLock { retry_at, .. }) => {
                 self.timers.push((*retry_at, TimerKind::LockRetry.key(id)))
             }
@@ -873,6 +883,7 @@ impl Worker {
         }
         self.awake.clear();
         self.slot_queue.clear();
+        self.local_queue.clear();
     }
 
     fn delete_invalid_outputs(&self, plan: &Plan) {
@@ -1099,37 +1110,24 @@ impl Worker {
     }
 
     /// Starts queued builds while slots are free.
+    /// Starts queued builds while slots are free. preferLocalBuild goals have their own
+    /// queue: they may use the one slot `--max-jobs 0` leaves (as in the seed).
     fn start_builds(&mut self, reactor: &mut Reactor) {
         if self.should_stop() {
             return;
         }
-        let mut skipped = 0;
-        while skipped < self.slot_queue.len() {
-            let Some(&id) = self.slot_queue.front() else {
+        loop {
+            let queue = if self.has_free_slot(false) && !self.slot_queue.is_empty() {
+                &mut self.slot_queue
+            } else if self.has_free_slot(true) && !self.local_queue.is_empty() {
+                &mut self.local_queue
+            } else {
                 break;
             };
-            if self.phases[id.index()] != Phase::WaitingForSlot {
-                self.slot_queue.pop_front();
-                continue;
+            let Some(id) = queue.pop_front() else { break };
+            if self.phases[id.index()] == Phase::WaitingForSlot {
+                self.try_to_build(reactor, id);
             }
-            let prefer_local = match &self.goals[id.index()].kind {
-                GoalKind::Derivation {
-                    state: DrvState::WaitingForSlot { plan },
-                    ..
-                } => plan.prefer_local,
-                GoalKind::Derivation { .. } | GoalKind::Substitution { .. } => false,
-            };
-            if !self.has_free_slot(prefer_local) {
-                if self.running.len() as u32 >= self.cfg.max_jobs.max(1) {
-                    break;
-                }
-                // Only preferLocalBuild goals may use the one slot of `--max-jobs 0`.
-                self.slot_queue.rotate_left(1);
-                skipped += 1;
-                continue;
-            }
-            self.slot_queue.pop_front();
-            self.try_to_build(reactor, id);
         }
     }
 
