@@ -668,9 +668,8 @@ impl Worker {
     /// Runs awake goals (a bounded number), registers finished outputs, starts builds in
     /// free slots and arms timers.
     pub fn step(&mut self, reactor: &mut Reactor) {
-        if self.registration_due() {
-            self.flush_registrations();
-        }
+        // Registration comes last: once new builds run, finished outputs can wait for the
+        // batch window instead of being synced one by one.
         let mut budget = self.cfg.step_budget.max(1);
         while budget > 0 {
             // Start builds first: a free slot should not wait for graph loading.
