@@ -296,3 +296,20 @@ mod tests {
         assert!(!FailureKind::DependencyFailed.is_permanent());
     }
 }
+
+#[cfg(test)]
+mod size_tests {
+    use super::*;
+
+    /// Queued goals must stay small (issue: memory per queued goal).
+    #[test]
+    fn goal_sizes() {
+        let (g, d, p) = (
+            std::mem::size_of::<Goal>(),
+            std::mem::size_of::<DrvState>(),
+            std::mem::size_of::<Plan>(),
+        );
+        eprintln!("Goal {g} B, DrvState {d} B, Plan {p} B");
+        assert!(g <= 160 && p <= 64, "Goal {g} B, Plan {p} B");
+    }
+}
