@@ -27,11 +27,14 @@ head -n "$N" "$WORK/g/order.txt" | xargs "${H[@]}" drv add >"$WORK/drvs.txt"
 mkdir -p "$WORK/repo"
 python3 - "$WORK/drvs.txt" "$WORK/repo/jobs.jsonl" <<'PY'
 import json, sys
+import re
 with open(sys.argv[1]) as f, open(sys.argv[2], "w") as out:
     for i, drv in enumerate(l.strip() for l in f):
         name = drv.rsplit("/", 1)[1][33:-4]
+        # As nix-eval-jobs prints it: with the outputs (read from the .drv's first output).
+        path = re.match(r'Derive\(\[\("out","([^"]*)"', open(drv).read(200)).group(1)
         out.write(json.dumps({"attr": "job%d" % i, "drvPath": drv, "name": name,
-                              "system": "x86_64-linux"}) + "\n")
+                              "system": "x86_64-linux", "outputs": {"out": path}}) + "\n")
 PY
 git -C "$WORK/repo" init -q -b main
 git -C "$WORK/repo" add jobs.jsonl

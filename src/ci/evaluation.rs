@@ -6,6 +6,7 @@
 //! stream in, so the first build starts before the evaluator has finished. Knows nothing
 //! of how builds run.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -491,8 +492,10 @@ impl Daemon {
             batch.push(nb);
         }
         let reg = self.db.register_builds(eval, &batch)?;
+        let by_drv: HashMap<&str, &NewBuild> =
+            batch.iter().map(|b| (b.derivation.as_str(), b)).collect();
         for (id, drv) in reg.new {
-            let outputs_valid = batch.iter().find(|b| b.derivation == drv).is_some_and(|b| {
+            let outputs_valid = by_drv.get(drv.as_str()).is_some_and(|b| {
                 !b.outputs.is_empty()
                     && b.outputs.iter().all(|(_, p)| {
                         parse_store_path(self.store(), p)
