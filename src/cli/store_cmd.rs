@@ -53,48 +53,23 @@ fn need_args(m: &getopts::Matches, what: &str) -> Result<(), CliError> {
 }
 
 fn add(g: &Global, args: &[String]) -> CliResult {
-    let mut o = getopts::Options::new();
-    o.optflag(
-        "n",
-        "dry-run",
-        "print the store paths without adding anything",
-    );
-    o.optopt(
-        "",
-        "name",
-        "store path name (default: the file name)",
-        "NAME",
-    );
-    let Some(m) = parse_opts(
-        &mut o,
-        args,
-        "Usage: hauberk store add [--dry-run] [--name NAME] PATH...",
-    )?
-    else {
-        return Ok(0);
-    };
-    need_args(&m, "PATH")?;
-    let mut store = g.open_store()?;
-    let name = m.opt_str("name");
-    for p in &m.free {
-        let sp = store.add_path(
-            Path::new(p),
-            name.as_deref(),
-            AddMethod::Source,
-            m.opt_present("dry-run"),
-        )?;
-        println!("{}", store.print(&sp));
-    }
-    Ok(0)
+    add_paths(g, args, false)
 }
 
 fn add_fixed(g: &Global, args: &[String]) -> CliResult {
+    add_paths(g, args, true)
+}
+
+/// `add` (source paths) and `add-fixed ALGO` (fixed-output paths).
+fn add_paths(g: &Global, args: &[String], fixed: bool) -> CliResult {
     let mut o = getopts::Options::new();
-    o.optflag(
-        "r",
-        "recursive",
-        "hash the NAR serialisation instead of the file's bytes",
-    );
+    if fixed {
+        o.optflag(
+            "r",
+            "recursive",
+            "hash the NAR serialisation instead of the file's bytes",
+        );
+    }
     o.optflag(
         "n",
         "dry-run",
@@ -106,31 +81,40 @@ fn add_fixed(g: &Global, args: &[String]) -> CliResult {
         "store path name (default: the file name)",
         "NAME",
     );
-    let Some(m) = parse_opts(
-        &mut o,
-        args,
-        "Usage: hauberk store add-fixed [--recursive] ALGO PATH...",
-    )?
-    else {
+    let usage = if fixed {
+        "Usage: hauberk store add-fixed [--recursive] [--dry-run] [--name NAME] ALGO PATH..."
+    } else {
+        "Usage: hauberk store add [--dry-run] [--name NAME] PATH..."
+    };
+    let Some(m) = parse_opts(&mut o, args, usage)? else {
         return Ok(0);
     };
-    if m.free.len() < 2 {
-        return Err(CliError::usage(
-            "add-fixed needs ALGO and at least one PATH",
-        ));
-    }
-    let algo = Algo::parse(&m.free[0])?;
-    let method = if m.opt_present("recursive") {
-        FileIngestionMethod::Recursive
+    let (method, paths) = if fixed {
+        if m.free.len() < 2 {
+            return Err(CliError::usage(
+                "add-fixed needs ALGO and at least one PATH",
+            ));
+        }
+        let ingestion = if m.opt_present("recursive") {
+            FileIngestionMethod::Recursive
+        } else {
+            FileIngestionMethod::Flat
+        };
+        (
+            AddMethod::Fixed(ingestion, Algo::parse(&m.free[0])?),
+            &m.free[1..],
+        )
     } else {
-        FileIngestionMethod::Flat
+        need_args(&m, "PATH")?;
+        (AddMethod::Source, &m.free[..])
     };
     let mut store = g.open_store()?;
-    for p in &m.free[1..] {
+    let name = m.opt_str("name");
+    for p in paths {
         let sp = store.add_path(
             Path::new(p),
-            m.opt_str("name").as_deref(),
-            AddMethod::Fixed(method, algo),
+            name.as_deref(),
+            method,
             m.opt_present("dry-run"),
         )?;
         println!("{}", store.print(&sp));
