@@ -675,6 +675,36 @@ fn an_evaluator_crashing_hanging_or_printing_garbage_fails_its_evaluation_alone(
 }
 
 #[test]
+fn an_evaluator_that_exits_leaving_a_background_process_finishes_at_once() {
+    let env = Env::new("bg-evaluator");
+    let repo = env.repo("proj");
+    repo.commit(&[
+        ("lib.sh", LIB_SH),
+        (
+            "bg.sh",
+            &format!(
+                "{USE_LIB}sleep 41.5 &\n\
+                 echo \"{{\\\"attr\\\":\\\"bg\\\",\\\"drvPath\\\":\\\"$(mkdrv bg done)\\\"}}\"\n"
+            ),
+        ),
+    ]);
+    env.write_specs(&script_spec("bg", &repo.url(), "bg.sh", "nix-eval-jobs"));
+    let start = Instant::now();
+    let run = env.one_shot(&["--eval-timeout", "20"]);
+    // The evaluator's exit ends the evaluation: its group (the background sleep holding
+    // the pipes) is killed, rather than waited for until the timeout.
+    assert!(start.elapsed() < Duration::from_secs(10), "{run:?}");
+    run.assert_summary(&summary([1, 0], 0, [1, 0, 0, 0, 0]));
+    assert_eq!(env.evals_of("bg")[0].status, EvalStatus::Succeeded);
+    assert_eq!(env.output_text("bg", "bg"), "done\n");
+    wait_until(
+        "the evaluator's background sleep to be gone",
+        Duration::from_secs(3),
+        || processes_running(&["sleep", "41.5"]).is_empty(),
+    );
+}
+
+#[test]
 fn both_evaluator_protocols() {
     let env = Env::new("protocols");
     let repo = env.repo("proj");

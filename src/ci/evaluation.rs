@@ -113,9 +113,10 @@ fn read_child(
 ) -> Result<(), String> {
     child.read_output(reactor, out).map_err(|e| e.to_string())?;
     child.read_stderr(reactor, err).map_err(|e| e.to_string())?;
-    if child.eof() {
-        child.try_reap().map_err(|e| e.to_string())?;
-    }
+    // Reap as soon as the process exits, even before end of file: reaping kills what is
+    // left of its process group, so a background process holding the pipes cannot keep
+    // an evaluation (or a fetch) open after its process ended.
+    child.try_reap().map_err(|e| e.to_string())?;
     Ok(())
 }
 
