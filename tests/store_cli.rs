@@ -208,11 +208,12 @@ impl Store {
 
     /// Names in the store directory that are staging entries.
     fn staging_entries(&self) -> Vec<String> {
-        fs::read_dir(&self.dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with(".hauberk-tmp-"))
-            .collect()
+        match fs::read_dir(Path::new(&self.dir).join(".hauberk-tmp")) {
+            Ok(rd) => rd
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect(),
+            Err(_) => Vec::new(),
+        }
     }
 
     /// A path for test inputs, outside the store.
@@ -1017,12 +1018,13 @@ fn dead_pid() -> u32 {
     child.id()
 }
 
-/// Plants a read-only staging entry `.hauberk-tmp-<pid>-<n>` holding a tree of `files`
+/// Plants a read-only staging entry `.hauberk-tmp/<pid>-<n>` holding a tree of `files`
 /// files, as a process killed mid-copy leaves it. Returns its name.
 fn plant_staging(st: &Store, pid: u32, n: u32, files: usize) -> String {
-    fs::create_dir_all(&st.dir).unwrap();
-    let name = format!(".hauberk-tmp-{pid}-{n}");
-    let p = Path::new(&st.dir).join(&name);
+    let staging = Path::new(&st.dir).join(".hauberk-tmp");
+    fs::create_dir_all(&staging).unwrap();
+    let name = format!("{pid}-{n}");
+    let p = staging.join(&name);
     big_tree(&p, files);
     for (rel, md) in walk(&p).into_iter().rev() {
         let mode = if md.is_dir() { 0o555 } else { 0o444 };
@@ -1036,7 +1038,7 @@ fn leftover_staging_of_dead_processes_is_removed() {
     let st = Store::new("staging");
     let dead = dead_pid();
     plant_staging(&st, dead, 1, 20);
-    let dead_file = Path::new(&st.dir).join(format!(".hauberk-tmp-{dead}-2"));
+    let dead_file = Path::new(&st.dir).join(format!(".hauberk-tmp/{dead}-2"));
     write_mode(&dead_file, b"partial", 0o444);
     // A live process's staging entry (this test's) must be left alone.
     let live = plant_staging(&st, std::process::id(), 1, 1);
@@ -1100,9 +1102,7 @@ fn staging_of_a_dead_process_with_our_pid_is_no_obstacle() {
     let added = String::from_utf8(out.stdout).unwrap().trim().to_string();
     assert_eq!(nar_hash(Path::new(&added)), nar_hash(&file));
     st.verify(true).ok();
-    assert!(!st
-        .staging_entries()
-        .contains(&".hauberk-tmp-1-1".to_string()));
+    assert!(!st.staging_entries().contains(&"1-1".to_string()));
 }
 
 #[test]

@@ -26,7 +26,10 @@ pub const DEFAULT_STORE_DIR: &str = "/hauberk/store";
 pub const DEFAULT_STATE_DIR: &str = "/hauberk/var";
 
 /// Prefix of staging entries inside the store directory; never a valid store path name.
-const STAGING_PREFIX: &str = ".hauberk-tmp-";
+/// Staging directory inside the store directory (same file system, so a rename installs
+/// an entry); never a valid store path name. Entries are named `<pid>-<n>`, so opening the
+/// store reads only this directory, not the whole store.
+const STAGING_DIR: &str = ".hauberk-tmp";
 
 #[derive(Debug)]
 pub enum StoreError {
@@ -233,25 +236,28 @@ impl LocalStore {
     pub fn staging_path(&mut self) -> PathBuf {
         static STAGED: AtomicU64 = AtomicU64::new(0);
         let n = STAGED.fetch_add(1, Ordering::Relaxed) + 1;
-        let p = Path::new(self.dir.as_str())
-            .join(format!("{STAGING_PREFIX}{}-{n}", std::process::id()));
+        let p = self
+            .staging_dir()
+            .join(format!("{}-{n}", std::process::id()));
         // Failing here shows as the caller's failure to create it.
         let _ = fsutil::delete_path(&p);
         p
     }
 
+    fn staging_dir(&self) -> PathBuf {
+        Path::new(self.dir.as_str()).join(STAGING_DIR)
+    }
+
     fn remove_dead_staging(&self) -> Result<(), StoreError> {
-        let real = Path::new(self.dir.as_str());
-        let rd = fs::read_dir(real).map_err(io_err("read store directory", real))?;
+        let dir = self.staging_dir();
+        fs::create_dir_all(&dir).map_err(io_err("create staging directory", &dir))?;
+        let rd = fs::read_dir(&dir).map_err(io_err("read staging directory", &dir))?;
         for e in rd {
-            let e = e.map_err(io_err("read store directory", real))?;
+            let e = e.map_err(io_err("read staging directory", &dir))?;
             let name = e.file_name();
-            let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(STAGING_PREFIX)) else {
-                continue;
-            };
-            let pid: i32 = rest
-                .split('-')
-                .next()
+            let pid: i32 = name
+                .to_str()
+                .and_then(|n| n.split('-').next())
                 .and_then(|p| p.parse().ok())
                 .unwrap_or(0);
             // EPERM means the process exists but is another user's: alive.
