@@ -154,6 +154,9 @@ fn signal_description(s: nix::sys::signal::Signal) -> &'static str {
 pub enum ReadState {
     /// Everything available was read; more may come.
     Open,
+    /// The read budget was used up: more may be waiting already, and no new readiness
+    /// event will say so (edge-triggered); read again before waiting.
+    Budget,
     /// The pipe hit end of file (every writer closed it).
     Eof,
 }
@@ -286,14 +289,20 @@ fn child_fail(err_fd: RawFd, step: u32) -> ! {
     }
 }
 
-/// Reads a non-blocking pipe until it would block (`Open`) or hits end of file (`Eof`).
-fn drain(raw: RawFd, sink: &mut dyn FnMut(&[u8])) -> io::Result<ReadState> {
+/// Reads a non-blocking pipe until it would block (`Open`), hits end of file (`Eof`) or
+/// has passed `budget` bytes to `sink` (`Budget`).
+fn drain(raw: RawFd, sink: &mut dyn FnMut(&[u8]), budget: usize) -> io::Result<ReadState> {
     let mut buf = [0u8; 65536];
+    let mut total = 0;
     loop {
+        if total >= budget {
+            return Ok(ReadState::Budget);
+        }
         // SAFETY: reading into a stack buffer of the given size.
         let n = unsafe { libc::read(raw, buf.as_mut_ptr().cast(), buf.len()) };
         if n > 0 {
             sink(&buf[..n as usize]);
+            total += n as usize;
             continue;
         }
         if n == 0 {
@@ -465,12 +474,23 @@ impl Child {
         reactor: &Reactor,
         sink: &mut dyn FnMut(&[u8]),
     ) -> Result<ReadState, ChildError> {
+        self.read_output_limited(reactor, sink, usize::MAX)
+    }
+
+    /// [`Child::read_output`], stopping after about `budget` bytes (`ReadState::Budget`), so
+    /// that one fast writer cannot hold the loop.
+    pub fn read_output_limited(
+        &mut self,
+        reactor: &Reactor,
+        sink: &mut dyn FnMut(&[u8]),
+        budget: usize,
+    ) -> Result<ReadState, ChildError> {
         let Some(fd) = &self.out else {
             return Ok(ReadState::Eof);
         };
         let raw = fd.as_raw_fd();
-        let r = drain(raw, sink);
-        if !matches!(r, Ok(ReadState::Open)) {
+        let r = drain(raw, sink, budget);
+        if !matches!(r, Ok(ReadState::Open | ReadState::Budget)) {
             self.close_output(reactor);
         }
         r.map_err(|err| ChildError::Io {
@@ -490,8 +510,8 @@ impl Child {
         let Some((fd, _)) = &self.stderr else {
             return Ok(ReadState::Eof);
         };
-        let r = drain(fd.as_raw_fd(), sink);
-        if !matches!(r, Ok(ReadState::Open)) {
+        let r = drain(fd.as_raw_fd(), sink, usize::MAX);
+        if !matches!(r, Ok(ReadState::Open | ReadState::Budget)) {
             self.close_stderr(reactor);
         }
         r.map_err(|err| ChildError::Io {

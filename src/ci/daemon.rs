@@ -448,6 +448,9 @@ impl Daemon {
             if let Err(e) = self.start_due_specs() {
                 break Err(e);
             }
+            if let Err(e) = self.continue_reads() {
+                break Err(e);
+            }
             if let Err(e) = self.feed_worker() {
                 break Err(e);
             }
@@ -466,7 +469,7 @@ impl Daemon {
                 }
             }
             wakes.clear();
-            let block = !self.worker.next_step_needed();
+            let block = !self.worker.next_step_needed() && !self.reads_pending();
             if let Err(e) = self.reactor.wait(&mut wakes, block) {
                 break Err(DaemonError::Loop(e.to_string()));
             }

@@ -20,7 +20,7 @@ use super::db::{BuildStatus, Checkout, EvalId, EvalStatus, NewBuild};
 use super::evaluator::{EvalParser, Job};
 use super::input::{default_name, parse_fetch_output, FetchRequest, StoreLocation};
 use super::spec::Spec;
-use crate::build::child::{Child, ExitStatus, SpawnSpec, StderrTo};
+use crate::build::child::{Child, ExitStatus, ReadState, SpawnSpec, StderrTo};
 use crate::build::reactor::Owner;
 use crate::store::drv_store::read_store_derivation;
 use crate::store::path::check_name;
@@ -43,6 +43,8 @@ pub struct Evaluating {
     log_path: PathBuf,
     timer: u64,
     jobs: u64,
+    /// The last read stopped at its budget: read again before the loop waits.
+    more: bool,
     /// Why the evaluation failed, once it did (garbage, timeout); the child is killed.
     failure: Option<String>,
 }
@@ -105,19 +107,28 @@ impl SpecSlot {
     }
 }
 
+/// Bytes of an evaluator's output handled per loop turn: about 400 jobs, so that
+/// registering them and starting builds interleave with reading a fast evaluator.
+const EVAL_READ_BUDGET: usize = 64 * 1024;
+
+/// Reads a child's pipes (at most `budget` bytes of standard output) and reaps it once it
+/// exited. Returns whether the budget stopped the read.
 fn read_child(
     child: &mut Child,
     reactor: &crate::build::reactor::Reactor,
     out: &mut dyn FnMut(&[u8]),
     err: &mut dyn FnMut(&[u8]),
-) -> Result<(), String> {
-    child.read_output(reactor, out).map_err(|e| e.to_string())?;
+    budget: usize,
+) -> Result<bool, String> {
+    let state = child
+        .read_output_limited(reactor, out, budget)
+        .map_err(|e| e.to_string())?;
     child.read_stderr(reactor, err).map_err(|e| e.to_string())?;
     // Reap as soon as the process exits, even before end of file: reaping kills what is
     // left of its process group, so a background process holding the pipes cannot keep
     // an evaluation (or a fetch) open after its process ended.
     child.try_reap().map_err(|e| e.to_string())?;
-    Ok(())
+    Ok(state == ReadState::Budget)
 }
 
 fn describe_exit(s: Option<ExitStatus>) -> String {
@@ -266,6 +277,7 @@ impl Daemon {
                         reactor,
                         &mut |d| out.extend_from_slice(d),
                         &mut |d| err.extend_from_slice(d),
+                        usize::MAX,
                     ) {
                         failure.get_or_insert(format!("input '{}': {e}", f.input));
                     }
@@ -279,6 +291,7 @@ impl Daemon {
                     parser,
                     log,
                     failure,
+                    more,
                     ..
                 } = &mut **ev;
                 let mut parse_err = None;
@@ -300,7 +313,9 @@ impl Daemon {
                             }
                         }
                     },
+                    EVAL_READ_BUDGET,
                 );
+                *more = matches!(r, Ok(true));
                 if let Some(e) = log_err {
                     log::warn!("write evaluation log: {e}");
                 }
@@ -317,6 +332,23 @@ impl Daemon {
                 self.progress_eval(i)
             }
         }
+    }
+
+    /// Specifications whose evaluator output was read only up to the budget.
+    pub(super) fn reads_pending(&self) -> bool {
+        self.specs
+            .iter()
+            .any(|s| matches!(&s.state, SpecState::Evaluating(ev) if ev.more))
+    }
+
+    /// Reads on where the last read stopped at its budget (no event will come for it).
+    pub(super) fn continue_reads(&mut self) -> Result<(), DaemonError> {
+        for i in 0..self.specs.len() {
+            if matches!(&self.specs[i].state, SpecState::Evaluating(ev) if ev.more) {
+                self.read_spec_children(i)?;
+            }
+        }
+        Ok(())
     }
 
     /// When every fetch child is done: record failures or compare commits and start the
@@ -459,6 +491,7 @@ impl Daemon {
                 log_path,
                 timer,
                 jobs: 0,
+                more: false,
                 failure: None,
             })),
         );
