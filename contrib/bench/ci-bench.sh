@@ -6,18 +6,21 @@
 # -> first 'build N started'), and the daemon's peak RSS with the whole queue held.
 # The daemon is stopped with SIGTERM once both are seen (building 100,000 leaves is not
 # the point). usage: contrib/bench/ci-bench.sh [N]
-#   env: BENCH (../shared/bench), HAUBERK (target/release/hauberk), WORK (/tmp/hauberk-ci-bench)
+#   env: BENCH (../shared/bench), HAUBERK (target/release/hauberk), WORK (/tmp/hauberk-ci-bench),
+#        REUSE=DIR: a directory of an earlier run (skips generating and adding the .drv files;
+#        a fresh CI database is used)
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 TOP=$(cd "$HERE/../.." && pwd)
 BENCH=${BENCH:-$TOP/../shared/bench}
 HAUBERK=${HAUBERK:-$TOP/target/release/hauberk}
 N=${1:-100000}
-WORK=${WORK:-/tmp/hauberk-ci-bench}/$N-$(date +%s)
+WORK=${REUSE:-${WORK:-/tmp/hauberk-ci-bench}/$N-$(date +%s)}
 [ -x "$HAUBERK" ] || (cd "$TOP" && cargo build --release --locked)
 mkdir -p "$WORK"
 H=("$HAUBERK" --store-dir "$WORK/store" --state-dir "$WORK/state")
 
+if [ -z "${REUSE:-}" ]; then
 echo "generating and adding $N derivations (setup, not measured)..." >&2
 python3 "$HERE/gen-drvs.py" --bench "$BENCH" --shape wide -n "$N" --salt "c$(date +%s)" \
   --store-dir "$WORK/store" -o "$WORK/g"
@@ -39,6 +42,7 @@ PY
 git -C "$WORK/repo" init -q -b main
 git -C "$WORK/repo" add jobs.jsonl
 git -C "$WORK/repo" -c user.name=b -c user.email=b@b commit -q -m jobs
+fi
 cat >"$WORK/specs.conf" <<SPEC
 [spec bench]
 systems = x86_64-linux
@@ -50,9 +54,10 @@ url = $WORK/repo
 branch = main
 SPEC
 
-log="$WORK/daemon.log"
-/usr/bin/time -v -o "$WORK/time" "${H[@]}" -v ci --one-shot --max-jobs 2 \
-  --specifications "$WORK/specs.conf" >"$WORK/out" 2>"$log" &
+run=$(date +%s%N)
+log="$WORK/daemon-$run.log"
+/usr/bin/time -v -o "$WORK/time-$run" "${H[@]}" -v ci --one-shot --max-jobs 2 \
+  --database "$WORK/ci-$run.sqlite" --specifications "$WORK/specs.conf" >"$WORK/out" 2>"$log" &
 tpid=$!
 for _ in $(seq 1 1200); do
   if grep -q "evaluation 1 succeeded" "$log" && grep -q "build [0-9]* started" "$log"; then break; fi
@@ -61,7 +66,7 @@ done
 sleep 1
 pkill -TERM -P "$tpid" || true   # the daemon, child of time(1)
 wait "$tpid" || true
-python3 - "$log" "$WORK/time" "$N" <<'PY'
+python3 - "$log" "$WORK/time-$run" "$N" <<'PY'
 import re, sys
 from datetime import datetime
 def ts(line):

@@ -10,7 +10,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
-use super::db::{now, BuildId, BuildStatus, CiDb, CiDbError, EvalStatus};
+use super::db::{now, BuildId, BuildStatus, CiDb, CiDbError, EvalStatus, NewBuild};
 use super::evaluation::{SpecSlot, SpecState};
 use super::spec;
 use crate::build::goal::{FailureKind, GoalId, Outcome};
@@ -264,6 +264,31 @@ impl Daemon {
         }
         log::info!("build {} {}: {}", b.id, status.name(), b.job_name);
         if status == BuildStatus::Succeeded {
+            self.add_roots(&b.outputs);
+        }
+        Ok(())
+    }
+
+    /// Newly registered builds whose outputs are all valid already: succeeded at once, in
+    /// one transaction.
+    pub(super) fn builds_already_valid(&mut self, builds: &[&NewBuild]) -> Result<(), DaemonError> {
+        if builds.is_empty() {
+            return Ok(());
+        }
+        let drvs: Vec<&str> = builds.iter().map(|b| b.derivation.as_str()).collect();
+        self.db
+            .set_builds_status(&drvs, BuildStatus::Succeeded, now())?;
+        *self
+            .summary
+            .builds
+            .entry(BuildStatus::Succeeded)
+            .or_default() += builds.len() as u64;
+        for b in builds {
+            log::info!(
+                "build of {} succeeded at once: {}",
+                b.derivation,
+                b.job_name
+            );
             self.add_roots(&b.outputs);
         }
         Ok(())

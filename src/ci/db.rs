@@ -940,7 +940,21 @@ impl CiDb {
         status: BuildStatus,
         time: i64,
     ) -> Result<(), CiDbError> {
-        let op = format!("set status of build {drv}");
+        self.set_builds_status(&[drv], status, time)
+    }
+
+    /// [`CiDb::set_build_status`] for many builds in one transaction (builds found valid
+    /// at registration). Fails, changing nothing, when one of them does not exist.
+    pub fn set_builds_status(
+        &mut self,
+        drvs: &[&str],
+        status: BuildStatus,
+        time: i64,
+    ) -> Result<(), CiDbError> {
+        let op = match drvs {
+            [one] => format!("set status of build {one}"),
+            many => format!("set status of {} builds", many.len()),
+        };
         let sql = match status {
             BuildStatus::Scheduled => {
                 "UPDATE Builds SET status = ?2, starttime = 0, stoptime = 0 WHERE derivation = ?1"
@@ -957,14 +971,19 @@ impl CiDb {
             }
         };
         let tx = begin(&mut self.conn, &self.file, &op)?;
-        let n = (|| -> rusqlite::Result<usize> {
+        let mut missing = None;
+        (|| -> rusqlite::Result<()> {
             let mut st = tx.prepare_cached(sql)?;
-            let n = if sql.contains("?3") {
-                st.execute(params![drv, status.code(), time])?
-            } else {
-                st.execute(params![drv, status.code()])?
-            };
-            if n > 0 {
+            for drv in drvs {
+                let n = if sql.contains("?3") {
+                    st.execute(params![drv, status.code(), time])?
+                } else {
+                    st.execute(params![drv, status.code()])?
+                };
+                if n == 0 {
+                    missing = Some(drv.to_string());
+                    return Ok(());
+                }
                 add_event(
                     &tx,
                     time,
@@ -975,15 +994,14 @@ impl CiDb {
                     ],
                 )?;
             }
-            Ok(n)
+            Ok(())
         })()
         .map_err(sq(&self.file, &op))?;
-        if n == 0 {
-            return Err(not_found(&self.file, &op, "no such build".into()));
+        if let Some(drv) = missing {
+            return Err(not_found(&self.file, &op, format!("no build of {drv}")));
         }
         tx.commit().map_err(sq(&self.file, &op))
     }
-
     /// Records the path of a build's log.
     pub fn set_build_log(&mut self, drv: &str, log: &str) -> Result<(), CiDbError> {
         let op = format!("record log of build {drv}");

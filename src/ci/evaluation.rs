@@ -16,7 +16,7 @@ use flate2::write::GzEncoder;
 use mio::Token;
 
 use super::daemon::{parse_store_path, Daemon, DaemonError};
-use super::db::{BuildStatus, Checkout, EvalId, EvalStatus, NewBuild};
+use super::db::{Checkout, EvalId, EvalStatus, NewBuild};
 use super::evaluator::{EvalParser, Job};
 use super::input::{default_name, parse_fetch_output, FetchRequest, StoreLocation};
 use super::spec::Spec;
@@ -528,21 +528,23 @@ impl Daemon {
         let reg = self.db.register_builds(eval, &batch)?;
         let by_drv: HashMap<&str, &NewBuild> =
             batch.iter().map(|b| (b.derivation.as_str(), b)).collect();
-        for (id, drv) in reg.new {
-            let outputs_valid = by_drv.get(drv.as_str()).is_some_and(|b| {
-                !b.outputs.is_empty()
-                    && b.outputs.iter().all(|(_, p)| {
-                        parse_store_path(self.store(), p)
-                            .is_some_and(|sp| self.store().is_valid(&sp).unwrap_or(false))
-                    })
-            });
+        let mut valid = Vec::new();
+        for (id, drv) in &reg.new {
+            let Some(b) = by_drv.get(drv.as_str()) else {
+                continue;
+            };
+            let outputs_valid = !b.outputs.is_empty()
+                && b.outputs.iter().all(|(_, p)| {
+                    parse_store_path(self.store(), p)
+                        .is_some_and(|sp| self.store().is_valid(&sp).unwrap_or(false))
+                });
             if outputs_valid {
-                self.set_status(&drv, BuildStatus::Succeeded)?;
+                valid.push(*b);
             } else {
-                self.enqueue(priority, id);
+                self.enqueue(priority, *id);
             }
         }
-        Ok(())
+        self.builds_already_valid(&valid)
     }
 
     /// Fills in what the evaluator left out (system, name, outputs) from the `.drv`, as
