@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
-use super::{parse_opts, CliError, CliResult, Global};
+use super::{parse_num, parse_opts, CliError, CliResult, Global};
 use crate::build::logs::{log_path, read_log};
 use crate::build::reactor::DRIVER_SIGNALS;
 use crate::build::{run_build, Outcome, Reactor, RunError, Worker, WorkerConfig, WorkerEvent};
@@ -14,16 +14,6 @@ use crate::store::StorePath;
 const BUILD_USAGE: &str = "Usage: hauberk build [OPTIONS] DRV[!OUTPUT,...]...
 
 Realises derivations (as nix-store --realise) and prints their output paths.";
-
-fn parse_num<T: std::str::FromStr>(m: &getopts::Matches, opt: &str) -> Result<Option<T>, CliError> {
-    match m.opt_str(opt) {
-        None => Ok(None),
-        Some(s) => s
-            .parse()
-            .map(Some)
-            .map_err(|_| CliError::usage(format!("--{opt}: '{s}' is not a number"))),
-    }
-}
 
 fn nproc() -> u32 {
     std::thread::available_parallelism()

@@ -5,7 +5,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use super::{parse_opts, CliError, CliResult, Global};
+use super::{parse_num, parse_opts, CliError, CliResult, Global};
 use crate::ci::db::{default_database, BuildFilter, BuildStatus, CiDb, EvalFilter, EvalStatus};
 use crate::ci::query;
 
@@ -63,16 +63,6 @@ fn emit(text: &str) -> CliResult {
         Ok(()) => Ok(0),
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(0),
         Err(e) => Err(CliError::new(format!("write standard output: {e}"))),
-    }
-}
-
-fn parse_num<T: std::str::FromStr>(m: &getopts::Matches, opt: &str) -> Result<Option<T>, CliError> {
-    match m.opt_str(opt) {
-        None => Ok(None),
-        Some(s) => s
-            .parse()
-            .map(Some)
-            .map_err(|_| CliError::usage(format!("--{opt}: '{s}' is not a number"))),
     }
 }
 

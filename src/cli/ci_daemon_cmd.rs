@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::build_cmd::{worker_config, worker_options};
-use super::{parse_opts, CliError, CliResult, Global};
+use super::{parse_num, parse_opts, CliError, CliResult, Global};
 use crate::ci::daemon::{Daemon, DaemonConfig};
 use crate::ci::db::default_database;
 
@@ -16,13 +16,7 @@ commits changed, registers the jobs as builds and builds them, all in one event 
 See hauberk(1) and, for the specifications file, hauberk(5).";
 
 fn secs(m: &getopts::Matches, opt: &str, default: u64) -> Result<Duration, CliError> {
-    match m.opt_str(opt) {
-        None => Ok(Duration::from_secs(default)),
-        Some(v) => v
-            .parse::<u64>()
-            .map(Duration::from_secs)
-            .map_err(|_| CliError::usage(format!("--{opt}: '{v}' is not a number of seconds"))),
-    }
+    Ok(Duration::from_secs(parse_num(m, opt)?.unwrap_or(default)))
 }
 
 pub fn run(g: &Global, args: &[String]) -> CliResult {
@@ -103,12 +97,7 @@ pub fn run(g: &Global, args: &[String]) -> CliResult {
         )));
     };
     let worker = worker_config(&m)?;
-    let window = match m.opt_str("window") {
-        Some(v) => v
-            .parse::<usize>()
-            .map_err(|_| CliError::usage(format!("--window: '{v}' is not a number")))?,
-        None => (8 * worker.max_jobs as usize).max(16),
-    };
+    let window = parse_num(&m, "window")?.unwrap_or((8 * worker.max_jobs as usize).max(16));
     let exe = std::env::current_exe()
         .map_err(|e| CliError::new(format!("find the hauberk executable: {e}")))?;
     let hauberk = vec![

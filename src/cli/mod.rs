@@ -113,6 +113,20 @@ pub fn parse_opts(
     Ok(Some(m))
 }
 
+/// The value of a numeric option, if given.
+pub fn parse_num<T: std::str::FromStr>(
+    m: &getopts::Matches,
+    opt: &str,
+) -> Result<Option<T>, CliError> {
+    match m.opt_str(opt) {
+        None => Ok(None),
+        Some(s) => s
+            .parse()
+            .map(Some)
+            .map_err(|_| CliError::usage(format!("--{opt}: '{s}' is not a number"))),
+    }
+}
+
 fn run(args: Vec<String>) -> CliResult {
     let mut opts = getopts::Options::new();
     opts.parsing_style(getopts::ParsingStyle::StopAtFirstFree);
