@@ -1,30 +1,13 @@
 //! End to end: a CI database made through the library, queried with the real binary
 //! (`hauberk ci list ...`, `hauberk ci show build ...`), as tables and as JSON.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use hauberk::ci::db::{BuildStatus, Checkout, CiDb, EvalStatus, NewBuild};
 use hauberk::ci::spec;
 use hauberk::store::drv_json::JsonValue;
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let d =
-            std::env::temp_dir().join(format!("hauberk-ci-queries-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        TempDir(d)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use hauberk::testutil::TempDir;
 
 const SPECS: &str = "
 [spec hello]
@@ -158,7 +141,7 @@ fn n(v: &JsonValue, k: &str) -> i64 {
 #[test]
 fn list_and_show_as_tables_and_json() {
     let tmp = TempDir::new("list");
-    let db = tmp.0.join("ci.sqlite");
+    let db = tmp.join("ci.sqlite");
     make_db(&db);
 
     // Specifications.
@@ -286,7 +269,7 @@ fn list_and_show_as_tables_and_json() {
     let (code, _, err) = hauberk(&db, &["list", "tables"]);
     assert_eq!(code, 1);
     assert!(err.contains("unknown table 'tables'"), "{err}");
-    let missing = tmp.0.join("none.sqlite");
+    let missing = tmp.join("none.sqlite");
     let (code, _, err) = hauberk(&missing, &["list", "specs"]);
     assert_eq!(code, 1);
     assert!(
@@ -302,7 +285,7 @@ fn list_and_show_as_tables_and_json() {
 #[test]
 fn default_database_is_under_the_state_dir() {
     let tmp = TempDir::new("default");
-    let state = tmp.0.join("state-default");
+    let state = tmp.join("state-default");
     make_db(&state.join("ci").join("ci.sqlite"));
     let out = Command::new(env!("CARGO_BIN_EXE_hauberk"))
         .arg("--state-dir")

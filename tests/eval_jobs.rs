@@ -6,47 +6,25 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use hauberk::ci::evaluator::{parse_all, Job, Protocol};
 use hauberk::ci::input::{parse_fetch_output, FetchRequest, GitRef, StoreLocation};
 use hauberk::store::drv_json::JsonValue;
+use hauberk::testutil::TempDir;
 
-/// A scratch directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "hauberk-evaljobs-test-{}-{tag}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = hauberk::store::fsutil::delete_path(&p);
-        fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-
-    fn store_args(&self) -> Vec<String> {
-        vec![
-            "--store-dir".into(),
-            self.0.join("store").display().to_string(),
-            "--state-dir".into(),
-            self.0.join("var").display().to_string(),
-        ]
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = hauberk::store::fsutil::delete_path(&self.0);
-    }
+/// `--store-dir` and `--state-dir` for a scratch store in `t`.
+fn store_args(t: &TempDir) -> Vec<String> {
+    vec![
+        "--store-dir".into(),
+        t.join("store").display().to_string(),
+        "--state-dir".into(),
+        t.join("var").display().to_string(),
+    ]
 }
 
 fn hauberk(t: &TempDir, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_hauberk"))
-        .args(t.store_args())
+        .args(store_args(t))
         .args(args)
         .output()
         .unwrap()
@@ -70,7 +48,7 @@ fn show(t: &TempDir, drv: &str) -> JsonValue {
 /// Runs a derivation's builder as a sandbox-less build would: its args, exactly its
 /// environment, in a fresh build directory.
 fn run_builder(t: &TempDir, drv: &JsonValue, tag: &str) -> Output {
-    let build_dir = t.0.join(format!("build-{tag}"));
+    let build_dir = t.join(format!("build-{tag}"));
     fs::create_dir_all(&build_dir).unwrap();
     let mut cmd = Command::new(drv.get("builder").unwrap().as_str().unwrap());
     if let Some(JsonValue::Array(args)) = drv.get("args") {
@@ -105,7 +83,7 @@ fn the_example_project_evaluates_to_two_derivations() {
         assert!(Path::new(&j.drv_path).is_file(), "{}", j.drv_path);
         assert!(j
             .drv_path
-            .starts_with(&t.0.join("store").display().to_string()));
+            .starts_with(&t.join("store").display().to_string()));
         assert_eq!(j.outputs.len(), 1);
         assert_eq!(j.outputs[0].0, "out");
         assert_eq!(j.nix_name, j.name);
@@ -157,7 +135,7 @@ fn the_example_project_evaluates_to_two_derivations() {
 #[test]
 fn job_errors_are_lines_and_broken_files_fail() {
     let t = TempDir::new("errors");
-    let co = t.0.join("co");
+    let co = t.join("co");
     fs::create_dir_all(&co).unwrap();
     fs::write(co.join("data.txt"), "data\n").unwrap();
     fs::write(
@@ -237,8 +215,8 @@ fn job_errors_are_lines_and_broken_files_fail() {
 #[test]
 fn two_inputs_and_a_system() {
     let t = TempDir::new("two");
-    let a = t.0.join("a");
-    let b = t.0.join("b");
+    let a = t.join("a");
+    let b = t.join("b");
     fs::create_dir_all(&a).unwrap();
     fs::create_dir_all(b.join("lib")).unwrap();
     fs::write(b.join("lib/x"), "x").unwrap();
@@ -300,17 +278,17 @@ fn git_repo(dir: &Path, from: &Path) -> git2::Oid {
 #[test]
 fn ci_fetch_child_adds_the_checkout_and_eval_jobs_reads_it() {
     let t = TempDir::new("fetch");
-    let up = t.0.join("upstream");
+    let up = t.join("upstream");
     let commit = git_repo(&up, &example());
     let req = FetchRequest {
         url: format!("file://{}", up.display()),
         git_ref: GitRef::Branch("main".into()),
-        cache_dir: t.0.join("cache"),
+        cache_dir: t.join("cache"),
         name: "example".into(),
         checkout: None,
         store: Some(StoreLocation {
-            store_dir: t.0.join("store").display().to_string(),
-            state_dir: t.0.join("var"),
+            store_dir: t.join("store").display().to_string(),
+            state_dir: t.join("var"),
         }),
         compile: false,
     };
@@ -330,7 +308,7 @@ fn ci_fetch_child_adds_the_checkout_and_eval_jobs_reads_it() {
     assert!(Path::new(&path).join("jobs.conf").is_file());
     assert!(!Path::new(&path).join(".git").exists());
     // No scratch tree is left in the cache.
-    let left: Vec<_> = fs::read_dir(t.0.join("cache"))
+    let left: Vec<_> = fs::read_dir(t.join("cache"))
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .filter(|n| n.starts_with(".tmp-"))
@@ -351,9 +329,9 @@ fn ci_fetch_child_adds_the_checkout_and_eval_jobs_reads_it() {
 
     // A compiled input: a writable checkout built with its Makefile, output on stderr;
     // the store gets the pristine tree.
-    let up2 = t.0.join("upstream-src");
+    let up2 = t.join("upstream-src");
     let commit2 = git_repo(&up2, &example().join("src"));
-    let co = t.0.join("compiled");
+    let co = t.join("compiled");
     let req = FetchRequest {
         url: up2.display().to_string(),
         name: "hello-src".into(),
@@ -399,9 +377,9 @@ fn ci_fetch_child_adds_the_checkout_and_eval_jobs_reads_it() {
             "--branch",
             "main",
             "--cache",
-            t.0.join("cache").to_str().unwrap(),
+            t.join("cache").to_str().unwrap(),
             "--checkout",
-            t.0.join("x").to_str().unwrap(),
+            t.join("x").to_str().unwrap(),
         ])
         .output()
         .unwrap();

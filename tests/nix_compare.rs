@@ -2,8 +2,10 @@
 //! instantiated by `nix-instantiate` gives `.drv` files whose paths, outputs and JSON hauberk
 //! recomputes identically. Skipped (with a message) where Nix is not installed.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
+
+use hauberk::testutil::TempDir;
 
 fn have_nix() -> bool {
     Command::new("nix-instantiate")
@@ -11,28 +13,6 @@ fn have_nix() -> bool {
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false)
-}
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!("hauberk-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = Command::new("chmod")
-            .arg("-R")
-            .arg("u+w")
-            .arg(&self.0)
-            .status();
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 fn hauberk(state: &Path, args: &[&str]) -> String {
@@ -88,13 +68,13 @@ fn instantiated_derivations_agree_with_nix() {
         return;
     }
     let t = TempDir::new("nixcmp");
-    let nix = t.0.join("t.nix");
+    let nix = t.join("t.nix");
     std::fs::write(
         &nix,
         NIX_FILE.replace("\\u00e9", "é").replace("\\u2603", "☃"),
     )
     .unwrap();
-    let tree = t.0.join("tree");
+    let tree = t.join("tree");
     std::fs::create_dir_all(tree.join("sub")).unwrap();
     for name in ["a", "a-b", "a.b", "B", "sub/ünïcödé", "empty"] {
         std::fs::write(tree.join(name), name.as_bytes()).unwrap();
@@ -102,7 +82,7 @@ fn instantiated_derivations_agree_with_nix() {
     std::fs::write(tree.join("empty"), b"").unwrap();
     std::fs::create_dir_all(tree.join("emptydir")).unwrap();
     std::os::unix::fs::symlink("a", tree.join("link")).unwrap();
-    let state = t.0.join("state");
+    let state = t.join("state");
 
     let drvs = run(Command::new("nix-instantiate").arg(&nix));
     let drvs: Vec<&str> = drvs.lines().collect();
@@ -154,7 +134,7 @@ fn instantiated_derivations_agree_with_nix() {
     );
     assert_eq!(ours.trim(), src);
     let txt = srcs.lines().find(|l| l.ends_with("-a-b.txt")).unwrap();
-    let file = t.0.join("a-b.txt");
+    let file = t.join("a-b.txt");
     std::fs::write(&file, std::fs::read(txt).unwrap()).unwrap();
     let ours = hauberk(
         &state,

@@ -10,59 +10,15 @@ use std::fs;
 use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+
+use hauberk::store::fsutil::delete_path;
+use hauberk::testutil::TempDir;
 
 const HAUBERK: &str = env!("CARGO_BIN_EXE_hauberk");
 
 // ---------------------------------------------------------------------------------------
 // Scratch directories and stores
-
-/// A scratch directory, removed on drop (made writable first: store contents are not).
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "hauberk-store-cli-{}-{tag}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        remove_tree(&p);
-        fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-
-    fn join(&self, rel: &str) -> PathBuf {
-        self.0.join(rel)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        remove_tree(&self.0);
-    }
-}
-
-/// Makes every directory of a tree writable, then removes it.
-fn remove_tree(p: &Path) {
-    fn make_writable(p: &Path) {
-        let Ok(md) = fs::symlink_metadata(p) else {
-            return;
-        };
-        if md.is_dir() {
-            let _ = fs::set_permissions(p, fs::Permissions::from_mode(0o755));
-            if let Ok(rd) = fs::read_dir(p) {
-                for e in rd.flatten() {
-                    make_writable(&e.path());
-                }
-            }
-        }
-    }
-    make_writable(p);
-    let _ = fs::remove_dir_all(p);
-}
 
 /// The result of one hauberk run.
 struct Run {
@@ -600,7 +556,7 @@ fn dump_matches_nix_and_restore_round_trips() {
             );
         }
         // Restore (Nix's dump when there is one), dump again: the same bytes.
-        let dest = t.0.join(format!(
+        let dest = t.join(format!(
             "restored-{}",
             p.file_name().unwrap().to_str().unwrap()
         ));
@@ -885,7 +841,7 @@ fn verify_reports_missing_and_modified() {
     st.verify(true).ok();
 
     // Deleted contents: reported missing, with or without --check-contents.
-    remove_tree(Path::new(&t));
+    let _ = delete_path(Path::new(&t));
     st.verify(false).fails_with(&[&t, "missing"]);
     let err = st.verify(true).fails_with(&[&t, "missing"]);
     assert!(!err.contains(&a), "a sound path was reported: {err}");

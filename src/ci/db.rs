@@ -1459,27 +1459,7 @@ fn migrate(conn: &mut Connection, file: &Path) -> Result<(), CiDbError> {
 mod tests {
     use super::*;
     use crate::ci::spec;
-
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new(tag: &str) -> TempDir {
-            let d = std::env::temp_dir().join(format!(
-                "hauberk-cidb-{tag}-{}-{}",
-                std::process::id(),
-                now()
-            ));
-            let _ = std::fs::remove_dir_all(&d);
-            std::fs::create_dir_all(&d).unwrap();
-            TempDir(d)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::testutil::TempDir;
 
     fn spec_named(name: &str, priority: i64) -> Spec {
         let text =
@@ -1532,7 +1512,7 @@ mod tests {
     #[test]
     fn evaluations_builds_and_repair() {
         let dir = TempDir::new("flow");
-        let mut db = CiDb::open(&dir.0.join("sub/ci.sqlite")).unwrap();
+        let mut db = CiDb::open(&dir.join("sub/ci.sqlite")).unwrap();
         let hi = spec_named("hi", 1);
         let lo = spec_named("lo", 5);
         db.sync_specs(&[hi.clone(), lo.clone()]).unwrap();
@@ -1701,7 +1681,7 @@ mod tests {
     #[test]
     fn reopen_and_schema_version() {
         let dir = TempDir::new("reopen");
-        let file = dir.0.join("ci.sqlite");
+        let file = dir.join("ci.sqlite");
         let id = {
             let mut db = CiDb::open(&file).unwrap();
             db.add_or_update_spec(&spec_named("a", 3)).unwrap();
@@ -1732,7 +1712,7 @@ mod tests {
         let e = CiDb::open(&file).err().unwrap();
         assert!(matches!(e, CiDbError::TooNew { .. }));
         assert!(e.to_string().contains("is newer than this hauberk knows"));
-        let e = CiDb::open_existing(&dir.0.join("missing.sqlite"))
+        let e = CiDb::open_existing(&dir.join("missing.sqlite"))
             .err()
             .unwrap();
         assert!(e.to_string().starts_with("open CI database "));
@@ -1742,7 +1722,7 @@ mod tests {
     #[test]
     fn bulk_registration_of_100k_builds() {
         let dir = TempDir::new("bulk");
-        let mut db = CiDb::open(&dir.0.join("ci.sqlite")).unwrap();
+        let mut db = CiDb::open(&dir.join("ci.sqlite")).unwrap();
         db.add_or_update_spec(&spec_named("big", 0)).unwrap();
         let e = db.start_evaluation("big", &[co("src", "1")]).unwrap();
         let jobs: Vec<NewBuild> = (0..100_000).map(nb).collect();

@@ -675,29 +675,7 @@ pub fn run_fetch(req: &FetchRequest) -> Result<FetchResult, InputError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new(tag: &str) -> TempDir {
-            static N: AtomicUsize = AtomicUsize::new(0);
-            let p = std::env::temp_dir().join(format!(
-                "hauberk-input-test-{}-{tag}-{}",
-                std::process::id(),
-                N.fetch_add(1, Ordering::Relaxed)
-            ));
-            let _ = fsutil::delete_path(&p);
-            fs::create_dir_all(&p).unwrap();
-            TempDir(p)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = fsutil::delete_path(&self.0);
-        }
-    }
+    use crate::testutil::TempDir;
 
     /// A non-bare repository with one commit on `main` and files of every kind.
     fn make_repo(dir: &Path) -> Repository {
@@ -747,7 +725,7 @@ mod tests {
     #[test]
     fn branch_tag_and_commit_inputs() {
         let t = TempDir::new("refs");
-        let up = t.0.join("upstream");
+        let up = t.join("upstream");
         let repo = make_repo(&up);
         let first = repo.head().unwrap().target().unwrap();
         let obj = repo.find_object(first, None).unwrap();
@@ -755,8 +733,8 @@ mod tests {
         repo.tag("v1", &obj, &sig, "annotated", false).unwrap();
         repo.tag_lightweight("light", &obj, false).unwrap();
         let url = up.display().to_string();
-        let cache = t.0.join("cache");
-        let co = t.0.join("co");
+        let cache = t.join("cache");
+        let co = t.join("co");
 
         let r = run_fetch(&request(&url, GitRef::Branch("main".into()), &cache, &co)).unwrap();
         assert_eq!(r.commit, first.to_string());
@@ -815,13 +793,13 @@ mod tests {
     #[test]
     fn a_deleted_branch_is_pruned_from_the_cache() {
         let t = TempDir::new("prune");
-        let up = t.0.join("upstream");
+        let up = t.join("upstream");
         let repo = make_repo(&up);
         let head = repo.head().unwrap().peel_to_commit().unwrap();
         repo.branch("topic", &head, false).unwrap();
         let url = up.display().to_string();
-        let cache = t.0.join("cache");
-        let co = t.0.join("co");
+        let cache = t.join("cache");
+        let co = t.join("co");
         run_fetch(&request(&url, GitRef::Branch("topic".into()), &cache, &co)).unwrap();
         repo.find_branch("topic", git2::BranchType::Local)
             .unwrap()
@@ -834,11 +812,11 @@ mod tests {
     #[test]
     fn locks_left_by_a_killed_fetch_are_removed() {
         let t = TempDir::new("stale");
-        let up = t.0.join("upstream");
+        let up = t.join("upstream");
         let repo = make_repo(&up);
         let url = up.display().to_string();
-        let cache = t.0.join("cache");
-        let co = t.0.join("co");
+        let cache = t.join("cache");
+        let co = t.join("co");
         run_fetch(&request(&url, GitRef::Branch("main".into()), &cache, &co)).unwrap();
         let dir = cache.join(cache_key(&url));
         fs::write(dir.join("refs/remotes/origin/main.lock"), "").unwrap();
@@ -856,8 +834,8 @@ mod tests {
     #[test]
     fn unreachable_repositories_fail_clearly() {
         let t = TempDir::new("unreach");
-        let cache = t.0.join("cache");
-        let co = t.0.join("co");
+        let cache = t.join("cache");
+        let co = t.join("co");
         for url in ["/nonexistent/repo", "file:///nonexistent"] {
             let e =
                 run_fetch(&request(url, GitRef::Branch("main".into()), &cache, &co)).unwrap_err();
@@ -875,7 +853,7 @@ mod tests {
     #[test]
     fn requests_are_validated() {
         let t = TempDir::new("valid");
-        let mut r = request("/x", GitRef::Commit("xyz".into()), &t.0, &t.0);
+        let mut r = request("/x", GitRef::Commit("xyz".into()), t.path(), t.path());
         assert!(r
             .validate()
             .unwrap_err()
@@ -944,7 +922,7 @@ mod tests {
     #[test]
     fn compile_runs_configure_and_make() {
         let t = TempDir::new("compile");
-        let d = &t.0;
+        let d = t.path();
         fs::write(
             d.join("configure"),
             "#!/bin/sh\nprintf 'all:\\n\\techo built > built\\n' > Makefile\n",
@@ -954,7 +932,7 @@ mod tests {
         compile(d).unwrap();
         assert_eq!(fs::read_to_string(d.join("built")).unwrap(), "built\n");
         let empty = TempDir::new("compile-empty");
-        let e = compile(&empty.0).unwrap_err();
+        let e = compile(empty.path()).unwrap_err();
         assert!(e.to_string().contains("nothing to build"), "{e}");
     }
 }
