@@ -101,10 +101,7 @@ pub fn export(
 }
 
 /// References before referrers (self-references ignored).
-fn topo_order(
-    store: &LocalStore,
-    set: &BTreeSet<StorePath>,
-) -> Result<Vec<StorePath>, CacheError> {
+fn topo_order(store: &LocalStore, set: &BTreeSet<StorePath>) -> Result<Vec<StorePath>, CacheError> {
     let mut out = Vec::with_capacity(set.len());
     let mut done = BTreeSet::new();
     for root in set {
@@ -141,11 +138,9 @@ fn export_one(
     let sd = store.store_dir();
     let info = store.require_info(p)?;
     let real = store.real_path(p);
-    let tmp = dir.join("nar").join(format!(
-        ".tmp-{}-{}",
-        std::process::id(),
-        p.hash_part()
-    ));
+    let tmp = dir
+        .join("nar")
+        .join(format!(".tmp-{}-{}", std::process::id(), p.hash_part()));
     let result = (|| {
         let f = File::create(&tmp).map_err(io_err("create", &tmp))?;
         let file_tee = Tee {

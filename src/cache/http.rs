@@ -19,11 +19,21 @@ const MAX_HEADERS: usize = 100;
 pub enum HttpError {
     BadUrl(String),
     /// Connecting to or talking with `url` failed.
-    Io { url: String, err: io::Error },
+    Io {
+        url: String,
+        err: io::Error,
+    },
     /// The server's answer is not HTTP/1.x as we understand it.
-    Protocol { url: String, what: String },
+    Protocol {
+        url: String,
+        what: String,
+    },
     /// A status other than 200 or "not found".
-    Status { url: String, code: u16, reason: String },
+    Status {
+        url: String,
+        code: u16,
+        reason: String,
+    },
 }
 
 impl fmt::Display for HttpError {
@@ -119,7 +129,10 @@ fn proto(url: &str, what: impl Into<String>) -> io::Error {
 
 fn read_line(r: &mut BufReader<TcpStream>, url: &str) -> io::Result<String> {
     let mut line = Vec::new();
-    let n = r.by_ref().take(MAX_LINE as u64).read_until(b'\n', &mut line)?;
+    let n = r
+        .by_ref()
+        .take(MAX_LINE as u64)
+        .read_until(b'\n', &mut line)?;
     if n == 0 {
         return Err(io::Error::new(
             io::ErrorKind::UnexpectedEof,
@@ -195,7 +208,10 @@ impl Read for Body {
                         if got == 0 {
                             return Err(io::Error::new(
                                 io::ErrorKind::UnexpectedEof,
-                                format!("download {}: the connection closed inside a chunk", self.url),
+                                format!(
+                                    "download {}: the connection closed inside a chunk",
+                                    self.url
+                                ),
                             ));
                         }
                         *n -= got as u64;
@@ -325,12 +341,21 @@ mod tests {
         assert_eq!(u.host, "localhost");
         assert_eq!(u.port, 8080);
         assert_eq!(u.base, "/cache");
-        assert_eq!(u.url_of("x.narinfo"), "http://localhost:8080/cache/x.narinfo");
+        assert_eq!(
+            u.url_of("x.narinfo"),
+            "http://localhost:8080/cache/x.narinfo"
+        );
         let u = HttpUrl::parse("http://example.org").unwrap();
         assert_eq!((u.port, u.base.as_str()), (80, ""));
         let u = HttpUrl::parse("http://[::1]:81/c").unwrap();
         assert_eq!((u.host.as_str(), u.port), ("::1", 81));
-        for bad in ["https://x/", "http://", "http://h:port/", "http://h/a?b", "http://u@h/"] {
+        for bad in [
+            "https://x/",
+            "http://",
+            "http://h:port/",
+            "http://h/a?b",
+            "http://u@h/",
+        ] {
             assert!(HttpUrl::parse(bad).is_err(), "{bad}");
         }
     }
@@ -375,10 +400,15 @@ mod tests {
 
     #[test]
     fn statuses() {
-        assert!(get(&serve(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"), "f")
-            .unwrap()
-            .is_none());
-        let e = get(&serve(b"HTTP/1.1 500 Oops\r\n\r\n"), "f").err().unwrap();
+        assert!(get(
+            &serve(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"),
+            "f"
+        )
+        .unwrap()
+        .is_none());
+        let e = get(&serve(b"HTTP/1.1 500 Oops\r\n\r\n"), "f")
+            .err()
+            .unwrap();
         assert!(e.to_string().contains("HTTP error 500 Oops"), "{e}");
         let e = get(&serve(b"garbage\r\n\r\n"), "f").err().unwrap();
         assert!(e.to_string().contains("bad status line"), "{e}");

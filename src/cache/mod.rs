@@ -31,10 +31,16 @@ pub enum CacheError {
     },
     Http(HttpError),
     /// Reading `what` from the cache failed midway (truncated, bad compression, ...).
-    Read { what: String, err: io::Error },
+    Read {
+        what: String,
+        err: io::Error,
+    },
     NarInfo(NarInfoError),
     Store(StoreError),
-    Nar { what: String, err: NarError },
+    Nar {
+        what: String,
+        err: NarError,
+    },
     Signing(SigningError),
     /// The cache is for another store directory.
     WrongStoreDir {
@@ -51,9 +57,15 @@ pub enum CacheError {
         got: String,
     },
     /// The narinfo is not signed by a trusted key (and not content-addressed).
-    Untrusted { path: String, cache: String },
+    Untrusted {
+        path: String,
+        cache: String,
+    },
     /// A file the narinfo names is not in the cache.
-    MissingFile { cache: String, file: String },
+    MissingFile {
+        cache: String,
+        file: String,
+    },
     /// The narinfo is not usable: `what`.
     BadNarInfo {
         cache: String,
@@ -61,9 +73,15 @@ pub enum CacheError {
         what: String,
     },
     /// The cache has no narinfo for the path.
-    NotInCache { path: String, cache: String },
+    NotInCache {
+        path: String,
+        cache: String,
+    },
     /// A reference of the path is not valid in the local store.
-    MissingReference { path: String, reference: String },
+    MissingReference {
+        path: String,
+        reference: String,
+    },
 }
 
 impl fmt::Display for CacheError {
@@ -145,7 +163,10 @@ impl From<SigningError> for CacheError {
     }
 }
 
-pub(crate) fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> CacheError + 'a {
+pub(crate) fn io_err<'a>(
+    op: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(io::Error) -> CacheError + 'a {
     move |err| CacheError::Io {
         op,
         path: path.to_path_buf(),

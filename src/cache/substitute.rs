@@ -44,7 +44,11 @@ pub fn query(
         return Err(CacheError::BadNarInfo {
             cache: cache.url(),
             file,
-            what: format!("it describes '{}', not '{}'", dir.print(&info.path), dir.print(path)),
+            what: format!(
+                "it describes '{}', not '{}'",
+                dir.print(&info.path),
+                dir.print(path)
+            ),
         });
     }
     if trust.require_sigs && !info.is_trusted(dir, &trust.trusted_keys) {
@@ -131,10 +135,12 @@ fn fetch_into(
     staged: &std::path::Path,
 ) -> Result<(), CacheError> {
     let url = cache.url();
-    let src = cache.get(&info.url)?.ok_or_else(|| CacheError::MissingFile {
-        cache: url.clone(),
-        file: info.url.clone(),
-    })?;
+    let src = cache
+        .get(&info.url)?
+        .ok_or_else(|| CacheError::MissingFile {
+            cache: url.clone(),
+            file: info.url.clone(),
+        })?;
     let file_algo = info.file_hash.as_ref().map_or(Algo::Sha256, |h| h.algo());
     let mut file_reader = HashRead::new(src, file_algo);
     let what = format!("'{}' from '{url}'", info.url);
@@ -162,7 +168,11 @@ fn fetch_into(
     };
     if let Some(want) = info.file_size {
         if want != file_size {
-            return Err(mismatch("file size", want.to_string(), file_size.to_string()));
+            return Err(mismatch(
+                "file size",
+                want.to_string(),
+                file_size.to_string(),
+            ));
         }
     }
     if let Some(want) = &info.file_hash {

@@ -25,7 +25,12 @@ pub fn export_cache(g: &Global, args: &[String]) -> CliResult {
         "NAR compression: none, bzip2 or xz (default xz)",
         "METHOD",
     );
-    o.optopt("", "sign-key", "sign narinfos with this secret key file", "FILE");
+    o.optopt(
+        "",
+        "sign-key",
+        "sign narinfos with this secret key file",
+        "FILE",
+    );
     let Some(m) = parse_opts(&mut o, args, EXPORT_USAGE)? else {
         return Ok(0);
     };
@@ -138,7 +143,12 @@ pub fn substitute_cmd(g: &Global, args: &[String]) -> CliResult {
     o.optopt("", "from", "the binary cache", "URL");
     o.optopt("", "path", "the store path", "PATH");
     o.optflag("", "query", "only look the path up");
-    o.optmulti("", "trusted-public-keys", "keys whose signatures are trusted", "KEYS");
+    o.optmulti(
+        "",
+        "trusted-public-keys",
+        "keys whose signatures are trusted",
+        "KEYS",
+    );
     o.optflag("", "no-require-sigs", "accept unsigned narinfos");
     let Some(m) = parse_opts(&mut o, args, SUBST_USAGE)? else {
         return Ok(0);

@@ -371,7 +371,10 @@ CA: fixed:r:sha256:09vw4lk1ga54wkv8i7fk9lh3p6vkp3ycnvwk1yg655cc069ldvha
         assert_eq!(ci.store_dir.as_deref(), Some("/nix/store"));
         assert!(ci.want_mass_query);
         assert_eq!(ci.priority, Some(40));
-        assert_eq!(ci.to_text(), "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n");
+        assert_eq!(
+            ci.to_text(),
+            "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n"
+        );
         let new = CacheInfo {
             store_dir: Some("/nix/store".into()),
             ..CacheInfo::default()

@@ -135,10 +135,13 @@ pub struct PublicKey {
 impl PublicKey {
     pub fn parse(text: &str) -> Result<PublicKey, SigningError> {
         let (name, bytes) = split_key("public key", text)?;
-        let arr: [u8; 32] = bytes.as_slice().try_into().map_err(|_| SigningError::BadKey {
-            what: "public key",
-            reason: format!("key '{name}' has {} bytes, expected 32", bytes.len()),
-        })?;
+        let arr: [u8; 32] = bytes
+            .as_slice()
+            .try_into()
+            .map_err(|_| SigningError::BadKey {
+                what: "public key",
+                reason: format!("key '{name}' has {} bytes, expected 32", bytes.len()),
+            })?;
         let key = VerifyingKey::from_bytes(&arr).map_err(|e| SigningError::BadKey {
             what: "public key",
             reason: format!("key '{name}': {e}"),
@@ -167,9 +170,7 @@ impl PublicKey {
         let Ok(arr) = <[u8; 64]>::try_from(bytes.as_slice()) else {
             return false;
         };
-        self.key
-            .verify(data, &Signature::from_bytes(&arr))
-            .is_ok()
+        self.key.verify(data, &Signature::from_bytes(&arr)).is_ok()
     }
 }
 
