@@ -3,7 +3,7 @@
 //! interoperability directions with real Nix 2.8 (skipped with a message when Nix, root or
 //! unshare is missing).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

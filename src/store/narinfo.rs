@@ -113,11 +113,7 @@ impl NarInfo {
                         references.insert(base(r)?);
                     }
                 }
-                "Deriver" => {
-                    if value != "unknown-deriver" {
-                        deriver = Some(base(value)?);
-                    }
-                }
+                "Deriver" if value != "unknown-deriver" => deriver = Some(base(value)?),
                 "System" => system = Some(value.to_string()),
                 "Sig" => {
                     sigs.insert(value.to_string());

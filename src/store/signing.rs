@@ -246,7 +246,11 @@ mod tests {
         let pk = PublicKey::parse(&again.public().to_text()).unwrap();
         let sig = sk.sign(b"data");
         assert!(pk.verify(b"data", &sig));
-        assert!(verify_any(&[pk.clone()], b"data", &["x:y".into(), sig]));
+        assert!(verify_any(
+            std::slice::from_ref(&pk),
+            b"data",
+            &["x:y".into(), sig]
+        ));
         assert!(!verify_any(&[pk], b"data", &[]));
         assert!(PublicKey::parse("nocolon").is_err());
         assert!(SecretKey::parse(NIX_PUBLIC).is_err());
