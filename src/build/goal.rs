@@ -191,35 +191,55 @@ pub enum DrvState {
     Done(Outcome),
 }
 
-/// The substitution goal (as in the seed). Substituters arrive in a later issue: today the
-/// flow is Init → TryNext → Done (valid already, or "no substituter").
+/// Where a substitution goal is in its list of substituters.
+#[derive(Debug)]
+pub struct SubstTry {
+    /// The substituter being tried (none before the first).
+    pub current: Option<String>,
+    /// Still to try, in order.
+    pub remaining: Vec<String>,
+    /// Why the last substituter that failed failed (not "does not have it").
+    pub last_error: Option<String>,
+}
+
+/// A `hauberk substitute` child and what it printed so far.
+#[derive(Debug)]
+pub struct SubstRun {
+    pub child: Child,
+    /// Standard output: one result line.
+    pub stdout: Vec<u8>,
+    /// The end of standard error: the error message on failure.
+    pub stderr: Vec<u8>,
+}
+
+/// The substitution goal (as in the seed): Init → TryNext → (slot) → Querying (the child
+/// looks the narinfo up) → WaitingForReferences → (slot) → Running (the child fetches,
+/// checks and registers) → Done; a failed substituter goes back to TryNext. The child
+/// takes the path's lock itself, so there is no lock state here.
 #[derive(Debug)]
 pub enum SubstState {
     Init,
-    /// Try the next substituter; `remaining` are still to try.
-    TryNext {
-        remaining: Vec<String>,
+    /// Try the next substituter.
+    TryNext(Box<SubstTry>),
+    /// Queued for a substitution slot, to look the path up (`query`) or to fetch it.
+    WaitingForSlot {
+        t: Box<SubstTry>,
+        query: bool,
+    },
+    /// The lookup child runs.
+    Querying {
+        t: Box<SubstTry>,
+        run: Box<SubstRun>,
     },
     /// Waiting for the references the substitute needs.
     WaitingForReferences {
-        substituter: String,
-        remaining: Vec<String>,
+        t: Box<SubstTry>,
         pending: u32,
     },
-    WaitingForSlot {
-        substituter: String,
-        remaining: Vec<String>,
-    },
-    WaitingForLock {
-        substituter: String,
-        remaining: Vec<String>,
-        retry_at: Instant,
-    },
+    /// The fetching child runs.
     Running {
-        substituter: String,
-        remaining: Vec<String>,
-        child: Box<Child>,
-        locks: PathLocks,
+        t: Box<SubstTry>,
+        run: Box<SubstRun>,
     },
     Done(Outcome),
 }

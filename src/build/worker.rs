@@ -44,8 +44,16 @@ pub struct WorkerConfig {
     pub timeout: Option<Duration>,
     pub keep_failed: bool,
     pub cache_failures: bool,
-    /// Substituters to try (a later issue runs them; none today).
+    /// Binary caches to try, in order (`file://`, `http://`); none: no substitution.
     pub substituters: Vec<String>,
+    /// `name:base64` public keys whose narinfo signatures are trusted.
+    pub trusted_public_keys: Vec<String>,
+    /// Refuse narinfos that no trusted key signed (and that are not content-addressed).
+    pub require_sigs: bool,
+    /// Build a derivation whose output substitution failed instead of failing it.
+    pub fallback: bool,
+    /// The hauberk binary that `hauberk substitute` children run.
+    pub self_exe: PathBuf,
     /// Where build directories are created.
     pub tmp_dir: PathBuf,
     /// Copy builder output to our stderr as well as the log.
@@ -67,6 +75,10 @@ impl Default for WorkerConfig {
             keep_failed: false,
             cache_failures: false,
             substituters: Vec::new(),
+            trusted_public_keys: Vec::new(),
+            require_sigs: true,
+            fallback: false,
+            self_exe: std::env::current_exe().unwrap_or_else(|_| "/proc/self/exe".into()),
             tmp_dir: std::env::temp_dir(),
             echo_output: false,
             step_budget: 256,
@@ -99,6 +111,20 @@ pub enum WorkerEvent {
     DerivationFailed { drv: StorePath, failure: Failure },
     /// A top-level goal is done.
     GoalFinished { goal: GoalId, outcome: Outcome },
+    /// A substituter child started fetching a path.
+    SubstituterStarted {
+        path: StorePath,
+        substituter: String,
+    },
+    /// A substituter ended: `started` when it was fetching (else the lookup failed);
+    /// `status` is the child's wait status (0 on success).
+    SubstituterFinished {
+        path: StorePath,
+        substituter: String,
+        started: bool,
+        status: i32,
+        result: Result<(), String>,
+    },
 }
 
 #[derive(Debug)]
@@ -154,7 +180,7 @@ fn subst_phase(s: &SubstState) -> Phase {
         | SubstState::TryNext { .. }
         | SubstState::WaitingForReferences { .. }
         | SubstState::WaitingForSlot { .. }
-        | SubstState::WaitingForLock { .. }
+        | SubstState::Querying { .. }
         | SubstState::Running { .. } => Phase::SubstBusy,
         SubstState::Done(_) => Phase::Done,
     }
@@ -199,6 +225,9 @@ pub struct Worker {
     local_queue: VecDeque<GoalId>,
     running: Vec<(GoalId, Token)>,
     by_token: HashMap<Token, GoalId>,
+    /// Substitution goals waiting for a substitution slot, and those whose child runs.
+    subst_queue: VecDeque<GoalId>,
+    subst_running: Vec<GoalId>,
     to_register: Vec<GoalId>,
     /// When the oldest output waiting for registration finished.
     register_since: Option<Instant>,
@@ -234,6 +263,8 @@ impl Worker {
             local_queue: VecDeque::new(),
             running: Vec::new(),
             by_token: HashMap::new(),
+            subst_queue: VecDeque::new(),
+            subst_running: Vec::new(),
             to_register: Vec::new(),
             register_since: None,
             cleanup: Vec::new(),
@@ -339,7 +370,8 @@ impl Worker {
             || !self.timers.is_empty()
             || (!self.should_stop()
                 && ((self.has_free_slot(false) && !self.slot_queue.is_empty())
-                    || (self.has_free_slot(true) && !self.local_queue.is_empty())))
+                    || (self.has_free_slot(true) && !self.local_queue.is_empty())
+                    || (self.has_free_subst_slot() && !self.subst_queue.is_empty())))
     }
 
     /// Nothing runs, nothing is queued to run and nothing waits on a timer, yet goals are
@@ -348,6 +380,7 @@ impl Worker {
         !self.is_idle()
             && !self.next_step_needed()
             && self.running.is_empty()
+            && self.subst_running.is_empty()
             && self.to_register.is_empty()
             && self.counts[Phase::WaitingForLock as usize] == 0
     }
@@ -555,7 +588,11 @@ impl Worker {
 
     fn goal_done(&mut self, id: GoalId, outcome: Outcome) {
         let success = outcome.is_success();
-        if let Outcome::Failed(f) = &outcome {
+        // A substitution that fails on a derivation's behalf is not a failure of the run:
+        // the derivation builds instead (or fails, and that counts).
+        let counts = self.goals[id.index()].top_level
+            || matches!(self.goals[id.index()].kind, GoalKind::Derivation { .. });
+        if let (Outcome::Failed(f), true) = (&outcome, counts) {
             self.failed += 1;
             match f.kind {
                 FailureKind::TimedOut => self.timed_out = true,
@@ -588,10 +625,14 @@ impl Worker {
             }
             let ready = match &mut wg.kind {
                 GoalKind::Derivation { state, .. } => match state {
-                    DrvState::WaitingForInputs { pending, .. }
-                    | DrvState::WaitingForSubstitutes { pending, .. } => {
+                    DrvState::WaitingForInputs { pending, .. } => {
                         *pending -= 1;
                         *pending == 0 || (!success && !keep_going)
+                    }
+                    // Every output's substitution must end: a failed one means "build".
+                    DrvState::WaitingForSubstitutes { pending, .. } => {
+                        *pending -= 1;
+                        *pending == 0
                     }
                     DrvState::WaitingForDerivation => true,
                     DrvState::Init
@@ -609,7 +650,7 @@ impl Worker {
                     SubstState::Init
                     | SubstState::TryNext { .. }
                     | SubstState::WaitingForSlot { .. }
-                    | SubstState::WaitingForLock { .. }
+                    | SubstState::Querying { .. }
                     | SubstState::Running { .. }
                     | SubstState::Done(_) => false,
                 },
@@ -680,6 +721,7 @@ impl Worker {
             budget -= 1;
         }
         self.start_builds(reactor);
+        self.start_substitutions(reactor);
         for dir in self.cleanup.drain(..) {
             let _ = fsutil::delete_path(&dir);
         }
@@ -697,9 +739,17 @@ impl Worker {
 
     /// Output arrived on a child's pipe (or it closed).
     pub fn on_io(&mut self, reactor: &mut Reactor, token: Token) -> Result<(), WorkerError> {
-        let Some(&id) = self.by_token.get(&token) else {
+        let Some(id) = self
+            .by_token
+            .get(&token)
+            .copied()
+            .or_else(|| self.subst_owner(token))
+        else {
             return Ok(());
         };
+        if matches!(self.goals[id.index()].kind, GoalKind::Substitution { .. }) {
+            return self.subst_io(reactor, id);
+        }
         let echo = self.cfg.echo_output;
         let GoalKind::Derivation {
             state: DrvState::Building { build, .. },
@@ -759,6 +809,7 @@ impl Worker {
                 self.finish_build(id);
             }
         }
+        self.subst_sigchld()?;
         self.flush_timers(reactor);
         Ok(())
     }
@@ -877,6 +928,7 @@ impl Worker {
                 drop(plan);
             }
             self.to_register.retain(|g| *g != id);
+            self.cancel_subst(reactor, id);
             let f = Failure::new(FailureKind::Cancelled, "cancelled");
             match &self.goals[id.index()].kind {
                 GoalKind::Derivation { .. } => self.fail(id, f),
@@ -886,6 +938,7 @@ impl Worker {
             }
         }
         self.awake.clear();
+        self.subst_queue.clear();
         self.slot_queue.clear();
         self.local_queue.clear();
     }

@@ -384,6 +384,16 @@ impl Daemon {
                     let status = self.status_of_failure(failure.kind, stopping);
                     self.set_status(&d, status)?;
                 }
+                WorkerEvent::SubstituterStarted { path, substituter } => {
+                    log::info!(
+                        "substituting {} from {substituter}",
+                        self.store().print(&path)
+                    );
+                }
+                WorkerEvent::SubstituterFinished { path, result, .. } => match result {
+                    Ok(()) => log::info!("substituted {}", self.store().print(&path)),
+                    Err(m) => log::warn!("{m}"),
+                },
                 WorkerEvent::GoalFinished { goal, outcome } => {
                     let Some(id) = self.in_flight.remove(&goal) else {
                         continue;

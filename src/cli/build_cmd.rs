@@ -123,6 +123,36 @@ impl Terminal {
                 self.line(&format!("error: {}", failure.message));
             }
             WorkerEvent::GoalFinished { .. } => {}
+            WorkerEvent::SubstituterStarted { path, substituter } => {
+                if self.trace {
+                    self.line(&format!(
+                        "@ substituter-started {} {substituter}",
+                        st.print(&path)
+                    ));
+                }
+            }
+            WorkerEvent::SubstituterFinished {
+                path,
+                started,
+                status,
+                result,
+                ..
+            } => match result {
+                Ok(()) => {
+                    if self.trace {
+                        self.line(&format!("@ substituter-succeeded {}", st.print(&path)));
+                    }
+                }
+                Err(m) => {
+                    self.line(&format!("warning: {m}"));
+                    if self.trace && started {
+                        self.line(&format!(
+                            "@ substituter-failed {} {status} {m}",
+                            st.print(&path)
+                        ));
+                    }
+                }
+            },
         }
     }
 }
@@ -194,6 +224,59 @@ pub(super) fn worker_options(o: &mut getopts::Options) {
         "cache-failures",
         "remember failed outputs and fail them at once",
     );
+    substitution_options(o);
+}
+
+// ----- binary-cache substitution (issue 6) -----------------------------------------------
+
+fn substitution_options(o: &mut getopts::Options) {
+    o.optmulti(
+        "",
+        "substituters",
+        "binary caches to substitute from, in order (space-separated; repeatable)",
+        "URLS",
+    );
+    o.optflag(
+        "",
+        "use-substitutes",
+        "allow substitutes (Cuirass's flag; on whenever --substituters are given)",
+    );
+    o.optflag("", "fallback", "build when substituting an output fails");
+    o.optmulti(
+        "",
+        "trusted-public-keys",
+        "keys (name:base64) whose narinfo signatures are trusted (space-separated; repeatable)",
+        "KEYS",
+    );
+    o.optflag(
+        "",
+        "no-require-sigs",
+        "accept narinfos that no trusted key signed",
+    );
+}
+
+fn substitution_config(m: &getopts::Matches, cfg: &mut WorkerConfig) -> Result<(), CliError> {
+    let words = |opt: &str| -> Vec<String> {
+        m.opt_strs(opt)
+            .iter()
+            .flat_map(|v| v.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+            .collect()
+    };
+    cfg.substituters = words("substituters");
+    for s in &cfg.substituters {
+        crate::cache::BinaryCache::open(s).map_err(|e| CliError::usage(e.to_string()))?;
+    }
+    cfg.trusted_public_keys = words("trusted-public-keys");
+    for k in &cfg.trusted_public_keys {
+        crate::store::signing::PublicKey::parse(k)
+            .map_err(|e| CliError::usage(format!("--trusted-public-keys: {e}")))?;
+    }
+    cfg.require_sigs = !m.opt_present("no-require-sigs");
+    cfg.fallback = m.opt_present("fallback");
+    if m.opt_present("use-substitutes") && cfg.substituters.is_empty() {
+        log::warn!("--use-substitutes without --substituters: nothing to substitute from");
+    }
+    Ok(())
 }
 
 /// The Worker configuration from [`worker_options`].
@@ -216,6 +299,10 @@ pub(super) fn worker_config(m: &getopts::Matches) -> Result<WorkerConfig, CliErr
         cache_failures: m.opt_present("cache-failures"),
         echo_output: m.opt_present("print-build-logs"),
         ..WorkerConfig::default()
+    })
+    .and_then(|mut cfg| {
+        substitution_config(m, &mut cfg)?;
+        Ok(cfg)
     })
 }
 

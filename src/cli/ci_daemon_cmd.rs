@@ -75,12 +75,6 @@ pub fn run(g: &Global, args: &[String]) -> CliResult {
         "builds handed to the build loop at once (default 8 per job slot)",
         "N",
     );
-    o.optflag(
-        "",
-        "use-substitutes",
-        "allow substitutes (needs --substituters, see hauberk(1))",
-    );
-    o.optflag("", "fallback", "build when a substitute fails");
     worker_options(&mut o);
     let Some(m) = parse_opts(&mut o, args, USAGE)? else {
         return Ok(0);

@@ -2,6 +2,7 @@
 //! module parses its own options and drives the library; none of the work lives here.
 
 mod build_cmd;
+mod cache_cmd;
 mod ci_cmd;
 mod ci_daemon_cmd;
 mod ci_fetch_cmd;
@@ -75,6 +76,8 @@ const USAGE: &str = "Usage: hauberk [GLOBAL OPTIONS] COMMAND [ARGS...]
 Commands:
   store add|add-fixed|add-text|dump|restore|hash-path|query|verify
                     the store: add paths, NAR, queries, verification
+  store export-cache|generate-key
+                    binary caches: write one, make a signing key
   drv add|show|path|outputs
                     derivations: add to the store, show as JSON, compute paths
   eval-jobs         the built-in CI evaluator: a jobs file to .drv files and JSON lines
@@ -85,6 +88,7 @@ Commands:
                     the CI database: specifications, evaluations, builds
   build DRV...      realise derivations, print their output paths
   log DRV|OUTPUT    print the build log of a derivation
+  substitute        (internal) fetch one path from a binary cache; run by the build loop
 
 Global options:
       --store-dir DIR   store directory (env HAUBERK_STORE_DIR; default /hauberk/store)
@@ -172,6 +176,7 @@ fn run(args: Vec<String>) -> CliResult {
         "ci" => ci_cmd::run(&global, rest),
         "build" => build_cmd::build(&global, rest),
         "log" => build_cmd::log(&global, rest),
+        "substitute" => cache_cmd::substitute_cmd(&global, rest),
         other => Err(CliError::usage(format!("unknown command '{other}'"))),
     }
 }

@@ -19,7 +19,10 @@ const USAGE: &str = "Usage: hauberk store SUBCOMMAND ...
   restore PATH                               read a NAR from stdin into PATH
   hash-path [--type ALGO] [--base16|--base32|--sri] PATH...
   query (--references|--referrers|--requisites|--deriver|--hash|--size|--valid) PATH...
-  verify [--check-contents]";
+  verify [--check-contents]
+  export-cache --to file:///DIR [--compression none|bzip2|xz] [--sign-key FILE] PATH...
+                                             write the closure to a binary cache
+  generate-key NAME [SECRET-FILE PUBLIC-FILE] make an Ed25519 signing key pair";
 
 pub fn run(g: &Global, args: &[String]) -> CliResult {
     let Some(sub) = args.first() else {
@@ -35,6 +38,8 @@ pub fn run(g: &Global, args: &[String]) -> CliResult {
         "hash-path" => hash_path(rest),
         "query" => query(g, rest),
         "verify" => verify(g, rest),
+        "export-cache" => super::cache_cmd::export_cache(g, rest),
+        "generate-key" => super::cache_cmd::generate_key(rest),
         "--help" | "-h" => {
             println!("{USAGE}");
             Ok(0)

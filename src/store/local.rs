@@ -277,7 +277,7 @@ impl LocalStore {
 
     /// Installs staged, canonical contents as `path` and registers it, unless it is valid
     /// already (then the staged copy is dropped). `make_info` gives the registration.
-    fn install(
+    pub fn install(
         &mut self,
         staged: &Path,
         path: &StorePath,

@@ -11,9 +11,11 @@ pub mod hash;
 pub mod local;
 pub mod lock;
 pub mod nar;
+pub mod narinfo;
 pub mod path;
 pub mod refs;
 pub mod roots;
+pub mod signing;
 
 pub use hash::{Algo, Hash};
 pub use path::{FileIngestionMethod, StoreDir, StorePath};

@@ -163,6 +163,9 @@ impl Worker {
     /// Substitutes were tried (or there are none): realise the inputs.
     fn outputs_substituted(&mut self, id: GoalId, mut plan: Box<Plan>, drv: Option<Derivation>) {
         let drv_path = self.drv_path(id);
+        if let Some(f) = self.substitutes_failed(id, &plan) {
+            return self.fail(id, f);
+        }
         self.goals[id.index()].nr_failed = 0;
         match self.invalid_outputs(&plan) {
             Ok(v) if v.is_empty() => return self.succeed(id, plan.outputs, false),
