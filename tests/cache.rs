@@ -323,11 +323,11 @@ fn broken_caches_fail_cleanly_and_fallback_builds() {
         assert!(!e.is_valid(&b.1), "{what}: output registered");
         assert_eq!(e.runs("b"), runs_before, "{what}: builder ran");
         e.verify_clean();
-        let leftovers: Vec<_> = std::fs::read_dir(e.store())
-            .unwrap()
-            .filter_map(|d| d.ok())
-            .filter(|d| d.file_name().to_string_lossy().starts_with(".hauberk-tmp"))
-            .collect();
+        // Staging entries live in `<store>/.hauberk-tmp/`.
+        let leftovers: Vec<_> =
+            std::fs::read_dir(std::path::Path::new(&e.store()).join(".hauberk-tmp"))
+                .map(|rd| rd.filter_map(|d| d.ok()).collect())
+                .unwrap_or_default();
         assert!(leftovers.is_empty(), "{what}: staging left behind");
         // With --fallback the derivation is built instead.
         let mut fb = full.clone();
