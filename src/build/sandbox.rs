@@ -622,8 +622,18 @@ pub fn kill_user(uid: u32) -> Result<(), SandboxError> {
             if libc::setuid(uid) < 0 {
                 libc::_exit(1);
             }
-            while libc::kill(-1, libc::SIGKILL) == 0 {}
-            libc::_exit(if errno() == libc::ESRCH { 0 } else { 2 });
+            // One signal to everything the uid may signal (zombies included, so no loop
+            // until failure: that would never end).
+            loop {
+                if libc::kill(-1, libc::SIGKILL) == 0 {
+                    libc::_exit(0);
+                }
+                match errno() {
+                    libc::ESRCH | libc::EPERM => libc::_exit(0),
+                    libc::EINTR => continue,
+                    _ => libc::_exit(2),
+                }
+            }
         }
     }
     let mut st = 0;
