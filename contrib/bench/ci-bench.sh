@@ -8,6 +8,8 @@
 # the point). usage: contrib/bench/ci-bench.sh [N]
 #   env: BENCH (../shared/bench), HAUBERK (target/release/hauberk), WORK (/tmp/hauberk-ci-bench)
 set -euo pipefail
+# The example builders use the host toolchain and paths: no sandbox.
+export HAUBERK_SANDBOX=${HAUBERK_SANDBOX:-off}
 HERE=$(cd "$(dirname "$0")" && pwd)
 TOP=$(cd "$HERE/../.." && pwd)
 BENCH=${BENCH:-$TOP/../shared/bench}
