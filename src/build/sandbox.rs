@@ -229,6 +229,16 @@ pub enum Op {
         optional: bool,
         copy_symlink: bool,
     },
+    /// A store path of the input closure: the mount point `real_dst` (the same entry as
+    /// `dst`, named through the store's own mount so a hard link works) is a directory, a
+    /// copied symbolic link, or a hard link to the shared empty file `empty` (no inode is
+    /// allocated or freed per build), then `src` is bound on `dst`.
+    BindStorePath {
+        src: CString,
+        dst: CString,
+        real_dst: CString,
+        empty: CString,
+    },
     /// Detaches a mount.
     Umount {
         target: CString,
@@ -274,6 +284,7 @@ impl Op {
             Op::Tmpfs { target, .. } => ("mount tmpfs on", target.as_bytes()),
             Op::Mkdir { path, .. } => ("create directory", path.as_bytes()),
             Op::Bind { src, .. } => ("bind", src.as_bytes()),
+            Op::BindStorePath { src, .. } => ("bind store path", src.as_bytes()),
             Op::Umount { target } => ("unmount", target.as_bytes()),
             Op::Rmdir { path } => ("remove", path.as_bytes()),
             Op::WriteFile { path, .. } => ("write", path.as_bytes()),
@@ -409,6 +420,35 @@ unsafe fn run_op(op: &Op) -> Result<(), i32> {
                 ))?;
             }
             Ok(())
+        }
+        Op::BindStorePath {
+            src,
+            dst,
+            real_dst,
+            empty,
+        } => {
+            let mut st: libc::stat = std::mem::zeroed();
+            ok(libc::lstat(src.as_ptr(), &mut st))?;
+            match st.st_mode & libc::S_IFMT {
+                libc::S_IFDIR => ok_exists(libc::mkdir(real_dst.as_ptr(), 0o755))?,
+                libc::S_IFLNK => {
+                    let mut buf = [0u8; 4097];
+                    let n = libc::readlink(src.as_ptr(), buf.as_mut_ptr().cast(), 4096);
+                    if n < 0 {
+                        return Err(errno());
+                    }
+                    buf[n as usize] = 0;
+                    return ok(libc::symlink(buf.as_ptr().cast(), real_dst.as_ptr()));
+                }
+                _ => ok_exists(libc::link(empty.as_ptr(), real_dst.as_ptr()))?,
+            }
+            ok(libc::mount(
+                src.as_ptr(),
+                dst.as_ptr(),
+                null,
+                libc::MS_BIND,
+                std::ptr::null(),
+            ))
         }
         Op::Umount { target } => ok(libc::umount2(target.as_ptr(), libc::MNT_DETACH)),
         Op::Rmdir { path } => ok(libc::rmdir(path.as_ptr())),
@@ -663,6 +703,8 @@ pub struct Sandbox {
     root_ready: bool,
     users: Option<Result<BuildUsers, String>>,
     store_dir_prepared: bool,
+    /// See [`Sandbox::empty_file`].
+    empty: Option<PathBuf>,
 }
 
 /// What a build holds for its isolation: its build user and the on-disk store directory
@@ -746,6 +788,7 @@ impl Sandbox {
             root_ready: false,
             users,
             store_dir_prepared: false,
+            empty: None,
         }
     }
 
@@ -840,6 +883,7 @@ impl Sandbox {
         if !fixed {
             flags |= libc::CLONE_NEWNET;
         }
+        let empty = cp(&self.empty_file(store)?);
         let root = &self.root;
         let r = |p: &str| {
             let mut s = root.as_os_str().as_bytes().to_vec();
@@ -994,12 +1038,11 @@ impl Sandbox {
         });
         for id in graph.closure(input_roots) {
             let base = graph.path(id).base_name();
-            ops.push(Op::Bind {
+            ops.push(Op::BindStorePath {
                 src: r(&format!("{view}/{base}")),
                 dst: r(&format!("{store_dir}/{base}")),
-                ro: false,
-                optional: false,
-                copy_symlink: true,
+                real_dst: cp(&chroot_store.join(base)),
+                empty: empty.clone(),
             });
         }
         ops.push(Op::Umount { target: r(view) });
@@ -1013,6 +1056,34 @@ impl Sandbox {
             ops.push(Op::SetUser { uid, gid });
         }
         Ok(ChildSetup::Sandbox(Box::new(SandboxSetup { flags, ops })))
+    }
+}
+
+impl Sandbox {
+    /// The shared empty file that file mount points are hard links to (created once, in
+    /// the store directory so links from the sandboxes' store directories work).
+    fn empty_file(&mut self, store: &mut LocalStore) -> Result<PathBuf, SandboxError> {
+        if let Some(p) = &self.empty {
+            return Ok(p.clone());
+        }
+        let p = store.staging_path();
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&p)
+            .map_err(io_err("create", &p))?;
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o444))
+            .map_err(io_err("change mode of", &p))?;
+        self.empty = Some(p.clone());
+        Ok(p)
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        if let Some(p) = self.empty.take() {
+            let _ = fs::remove_file(p);
+        }
     }
 }
 
