@@ -34,7 +34,9 @@ impl Env {
             .arg(self.store())
             .arg("--state-dir")
             .arg(self.dir.join("state"))
-            .env("TMPDIR", self.dir.join("tmp"));
+            .env("TMPDIR", self.dir.join("tmp"))
+            // The builders write to the test directory: no sandbox (tests/sandbox.rs).
+            .env("HAUBERK_SANDBOX", "off");
         c
     }
 
@@ -528,6 +530,7 @@ fn nix_2_8_conformance_outputs() {
         store.display()
     );
     let o = Command::new("/usr/bin/unshare")
+        .env("HAUBERK_SANDBOX", "off")
         .args([
             "--mount",
             "--propagation",

@@ -62,6 +62,8 @@ impl Env {
             .arg("--state-dir")
             .arg(self.state())
             .env("TMPDIR", self.dir.join("tmp"))
+            // Builders use /usr/bin/cc and the test directory: no sandbox.
+            .env("HAUBERK_SANDBOX", "off")
             .env("HAUBERK_TEST_BIN", BIN)
             .env("HAUBERK_TEST_STORE", self.store())
             .env("HAUBERK_TEST_STATE", self.state())

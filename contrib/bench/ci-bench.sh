@@ -10,6 +10,8 @@
 #        REUSE=DIR: a directory of an earlier run (skips generating and adding the .drv files;
 #        a fresh CI database is used)
 set -euo pipefail
+# The example builders use the host toolchain and paths: no sandbox.
+export HAUBERK_SANDBOX=${HAUBERK_SANDBOX:-off}
 HERE=$(cd "$(dirname "$0")" && pwd)
 TOP=$(cd "$HERE/../.." && pwd)
 BENCH=${BENCH:-$TOP/../shared/bench}

@@ -3,7 +3,7 @@
 Nix builds there: same names, env, builder and script), in a fresh store.
 
 usage: hauberk-bench.py SHAPE N [--jobs 2] [--layers 20] [--seed 1] [--hauberk PATH]
-                         [--work DIR]
+                         [--work DIR] [--build-arg ARG]...   (default --no-sandbox)
 Prints one TSV line: shape N drvs add_s build_s drv_per_s cpu_s peak_rss_MiB first_build_ms
 (add_s: adding the .drv files with `hauberk drv add`, level by level; build_s: wall time of
 `hauberk build --max-jobs J ROOTS`, which is what compares with fork-limit.sh.)
@@ -37,6 +37,8 @@ def main():
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--hauberk", default=os.path.join(HERE, "../../target/release/hauberk"))
     ap.add_argument("--work", default="/tmp/hauberk-bench")
+    ap.add_argument("--build-arg", action="append", default=[],
+                    help="extra 'hauberk build' argument (default: --no-sandbox)")
     a = ap.parse_args()
     salt = "h%d%d" % (time.time_ns() % 10**9, os.getpid())
     d = os.path.join(a.work, "%s-%d-%s" % (a.shape, a.n, salt))
@@ -87,7 +89,7 @@ def main():
     depended = set(x for n in nodes for x in n[1:])
     roots = [drv[n[0]] for n in nodes if n[0] not in depended]
     cmd = ["/usr/bin/time", "-f", "%U %S %M", "-o", os.path.join(d, "time")] + base + [
-        "build", "--max-jobs", str(a.jobs), "--stats"] + roots
+        "build", "--max-jobs", str(a.jobs), "--stats"] + (a.build_arg or ["--no-sandbox"]) + roots
     env = dict(os.environ, TMPDIR=os.path.join(d, "tmp"))
     # Do not bill the build for writing back the setup's files (its syncfs would).
     os.sync()

@@ -1,4 +1,4 @@
-//! Preparing a builder as Nix 2.8 does with the sandbox off: the build directory, the
+//! Preparing a builder as Nix 2.8 does: the build directory, the
 //! environment (`initEnv`: fixed variables, the derivation's env, passAsFile files,
 //! impureEnvVars for fixed-output derivations), exportReferencesGraph files, and the spawn
 //! spec. It does not start, watch or judge the builder.
@@ -86,11 +86,13 @@ fn tokens(v: Option<&[u8]>) -> Vec<&[u8]> {
 }
 
 /// The environment of the builder, in Nix 2.8's order of precedence; writes passAsFile
-/// and exportReferencesGraph files into `build_dir`.
+/// and exportReferencesGraph files into `build_dir`, which the builder sees as `env_dir`
+/// (`/build` in the sandbox).
 pub fn builder_env(
     ctx: &BuildContext<'_>,
     drv: &Derivation,
     build_dir: &Path,
+    env_dir: &Path,
 ) -> Result<EnvVars, BuilderError> {
     let drv_name = ctx.store.print(ctx.drv_path);
     if drv.has_structured_attrs() {
@@ -115,12 +117,13 @@ pub fn builder_env(
             fs::write(&file, v).map_err(io_err("write passAsFile attribute", &file))?;
             let mut name = k.clone();
             name.extend_from_slice(b"Path");
-            env.insert(name, file.as_os_str().as_encoded_bytes().to_vec());
+            let seen = env_dir.join(format!(".attr-{h}"));
+            env.insert(name, seen.as_os_str().as_encoded_bytes().to_vec());
         } else {
             env.insert(k.clone(), v.clone());
         }
     }
-    let top = build_dir.as_os_str().as_encoded_bytes().to_vec();
+    let top = env_dir.as_os_str().as_encoded_bytes().to_vec();
     for k in ["NIX_BUILD_TOP", "TMPDIR", "TEMPDIR", "TMP", "TEMP", "PWD"] {
         env.insert(k.as_bytes().to_vec(), top.clone());
     }
@@ -218,7 +221,7 @@ fn export_references_graph(
 }
 
 /// The spawn spec: argv[0] is the builder's base name, the working directory the build
-/// directory.
+/// directory (as the builder sees it).
 pub fn spawn_spec(drv: &Derivation, env: Vec<(Vec<u8>, Vec<u8>)>, build_dir: &Path) -> SpawnSpec {
     use std::os::unix::ffi::OsStrExt;
     let program = PathBuf::from(std::ffi::OsStr::from_bytes(&drv.builder));

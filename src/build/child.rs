@@ -16,6 +16,7 @@ use mio::unix::SourceFd;
 use mio::{Interest, Token};
 
 use super::reactor::{Owner, Reactor};
+use super::sandbox::{describe_failure, run_ops, SandboxSetup};
 
 /// What the child does between fork and exec beyond the common steps. The sandbox issue
 /// adds a variant here (namespaces through clone flags, then an intermediate setup step:
@@ -25,6 +26,12 @@ pub enum ChildSetup {
     /// Plain fork and exec in the parent's namespaces.
     #[default]
     Plain,
+    /// As `Plain`, then switch to a build user before exec.
+    AsUser { uid: u32, gid: u32 },
+    /// New namespaces (clone flags), then the sandbox's steps before exec. The child is a
+    /// plain clone (no vfork): the parent does not wait for the setup; a failed step is
+    /// reported through the exec-error pipe.
+    Sandbox(Box<SandboxSetup>),
 }
 
 /// Where the child's standard error goes.
@@ -162,14 +169,19 @@ pub enum ReadState {
 }
 
 /// Steps of the child before exec, reported with errno through the exec-error pipe.
-const STEPS: [&str; 6] = [
+const STEPS: [&str; 8] = [
     "create a new session",
     "redirect output",
     "open /dev/null",
     "change directory",
     "execute",
     "set up the child",
+    "sandbox",
+    "switch to the build user",
 ];
+/// The step number of a failed sandbox step (followed by its description).
+const STEP_SANDBOX: u32 = 6;
+const STEP_USER: u32 = 7;
 
 /// A running (or finished but not yet dropped) child.
 #[derive(Debug)]
@@ -223,6 +235,7 @@ struct ChildArgs {
     err_w: RawFd,
     die_with_parent: bool,
     parent: libc::pid_t,
+    setup: *const ChildSetup,
 }
 
 /// The child between clone and exec: only async-signal-safe system calls.
@@ -243,7 +256,19 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
         if a.die_with_parent {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            if libc::getppid() != a.parent {
+            // In a new PID namespace the parent is outside: getppid() is 0.
+            let pp = libc::getppid();
+            if pp != a.parent && pp != 0 {
+                libc::_exit(127);
+            }
+        }
+        if let ChildSetup::Sandbox(sb) = &*a.setup {
+            if let Err((i, errno)) = run_ops(&sb.ops) {
+                let mut msg = [0u8; 512];
+                msg[..4].copy_from_slice(&STEP_SANDBOX.to_ne_bytes());
+                msg[4..8].copy_from_slice(&errno.to_ne_bytes());
+                let n = describe_failure(&sb.ops, i, &mut msg[8..]);
+                libc::write(e, msg.as_ptr().cast(), 8 + n);
                 libc::_exit(127);
             }
         }
@@ -264,6 +289,15 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
             child_fail(e, 3);
         }
         libc::umask(0o022);
+        if let ChildSetup::AsUser { uid, gid } = &*a.setup {
+            let groups = [*gid as libc::gid_t];
+            if libc::setgroups(1, groups.as_ptr()) < 0
+                || libc::setgid(*gid) < 0
+                || libc::setuid(*uid) < 0
+            {
+                child_fail(e, STEP_USER);
+            }
+        }
         // Whatever else is open (other builders' pipes, databases) must not leak.
         libc::syscall(
             libc::SYS_close_range,
@@ -391,16 +425,20 @@ impl Child {
             err_w: err_w.as_raw_fd(),
             die_with_parent: spec.die_with_parent,
             parent: std::process::id() as libc::pid_t,
+            setup: &spec.setup,
         };
         let flags = match &spec.setup {
             // vfork semantics: no page-table copy, the parent waits only until exec.
-            ChildSetup::Plain => libc::CLONE_VM | libc::CLONE_VFORK,
+            ChildSetup::Plain | ChildSetup::AsUser { .. } => libc::CLONE_VM | libc::CLONE_VFORK,
+            // A plain clone: the setup (mounts) takes a while and must not stall the loop.
+            ChildSetup::Sandbox(sb) => sb.flags,
         };
         let mut stack = vec![0u8; CHILD_STACK];
         // SAFETY: the stack top is inside `stack` and 16-byte aligned; all signals are
         // blocked around clone so no handler runs in the child before it resets them;
         // `args` and everything it points to outlive the child's use (the parent is
-        // suspended until the child execs or exits).
+        // suspended until the child execs or exits; without CLONE_VM the child has its own
+        // copy).
         let pid = unsafe {
             let top = stack.as_mut_ptr().add(CHILD_STACK) as usize & !15;
             let mut all: libc::sigset_t = std::mem::zeroed();
@@ -622,14 +660,22 @@ impl Child {
 
     /// After reaping: the error of a failed exec (or pre-exec step), if any.
     pub fn exec_error(&self) -> Option<String> {
-        let mut msg = [0u8; 8];
+        let mut msg = [0u8; 520];
         // SAFETY: non-blocking read into a stack buffer.
-        let n = unsafe { libc::read(self.exec_err.as_raw_fd(), msg.as_mut_ptr().cast(), 8) };
-        if n != 8 {
+        let n = unsafe { libc::read(self.exec_err.as_raw_fd(), msg.as_mut_ptr().cast(), 520) };
+        if n < 8 {
             return None;
         }
-        let step = u32::from_ne_bytes([msg[0], msg[1], msg[2], msg[3]]) as usize;
+        let step = u32::from_ne_bytes([msg[0], msg[1], msg[2], msg[3]]);
         let errno = i32::from_ne_bytes([msg[4], msg[5], msg[6], msg[7]]);
+        if step == STEP_SANDBOX {
+            return Some(format!(
+                "sandbox: {}: {}",
+                String::from_utf8_lossy(&msg[8..n as usize]),
+                io::Error::from_raw_os_error(errno)
+            ));
+        }
+        let step = step as usize;
         Some(format!(
             "{} '{}': {}",
             STEPS.get(step).unwrap_or(&STEPS[5]),

@@ -145,6 +145,8 @@ pub struct RunningBuild {
     pub last_output: Instant,
     /// Set when the worker killed it for a timeout: the failure to report.
     pub timed_out: Option<String>,
+    /// Its build user and sandbox directory (released and deleted when dropped).
+    pub isolation: super::sandbox::SandboxRun,
 }
 
 /// The derivation goal: load → (substitute outputs) → realise inputs → wait for a slot or

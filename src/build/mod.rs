@@ -10,6 +10,7 @@ pub mod logs;
 pub mod outputs;
 pub mod reactor;
 pub mod run;
+pub mod sandbox;
 pub mod worker;
 
 pub use goal::{Failure, FailureKind, GoalId, Outcome};

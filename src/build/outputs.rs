@@ -26,6 +26,8 @@ pub struct Finished<'a> {
     pub outputs: &'a [(Box<str>, StorePath)],
     /// Graph ids of the input paths (closure roots).
     pub input_roots: &'a [u32],
+    /// The build user's uid: outputs must be owned by it (or by us).
+    pub build_uid: Option<u32>,
 }
 
 fn rejected(msg: String) -> Failure {
@@ -92,9 +94,14 @@ pub fn check_outputs(
             }
             ca = Some(ca_text.unwrap_or_else(|| fixed_ca(ingest, hash)));
         }
-        entries += fsutil::canonicalise(&real, None)
-            .map_err(|e| misc(e.to_string()))?
-            .entries;
+        let report = fsutil::canonicalise(&real, f.build_uid).map_err(|e| misc(e.to_string()))?;
+        if let Some(p) = report.foreign_owner {
+            return Err(rejected(format!(
+                "suspicious ownership or permission on '{}'; rejecting this build output",
+                p.display()
+            )));
+        }
+        entries += report.entries;
         let scan = nar_hash_and_refs_with(&real, RefScanSink::with_candidates(graph.candidates()))
             .map_err(|e| misc(e.to_string()))?;
         scanned.push((path, scan, ca));

@@ -21,6 +21,7 @@ use super::graph::PathGraph;
 use super::logs::LogWriter;
 use super::outputs::{check_outputs, Finished};
 use super::reactor::{Owner, Reactor};
+use super::sandbox::{Sandbox, SandboxConfig, SandboxMode};
 use crate::store::drv::Derivation;
 use crate::store::drv_store::read_store_derivation;
 use crate::store::fsutil;
@@ -62,6 +63,8 @@ pub struct WorkerConfig {
     pub step_budget: usize,
     /// The platform this machine builds for (`x86_64-linux`).
     pub system: String,
+    /// Sandbox and build users.
+    pub sandbox: SandboxConfig,
 }
 
 impl Default for WorkerConfig {
@@ -83,6 +86,10 @@ impl Default for WorkerConfig {
             echo_output: false,
             step_budget: 256,
             system: format!("{}-linux", std::env::consts::ARCH),
+            sandbox: SandboxConfig {
+                mode: SandboxMode::Off,
+                ..SandboxConfig::default()
+            },
         }
     }
 }
@@ -243,6 +250,7 @@ pub struct Worker {
     permanent_failure: bool,
     timed_out: bool,
     hash_mismatch: bool,
+    sandbox: Sandbox,
 }
 
 fn io_msg(e: impl fmt::Display) -> Failure {
@@ -251,7 +259,9 @@ fn io_msg(e: impl fmt::Display) -> Failure {
 
 impl Worker {
     pub fn new(store: LocalStore, cfg: WorkerConfig) -> Worker {
+        let sandbox = Sandbox::new(cfg.sandbox.clone(), store.state_dir());
         Worker {
+            sandbox,
             store,
             cfg,
             goals: Vec::new(),

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use super::{parse_num, parse_opts, CliError, CliResult, Global};
 use crate::build::logs::{log_path, read_log};
 use crate::build::reactor::DRIVER_SIGNALS;
+use crate::build::sandbox::{self, SandboxConfig, SandboxMode};
 use crate::build::{run_build, Outcome, Reactor, RunError, Worker, WorkerConfig, WorkerEvent};
 use crate::store::StorePath;
 
@@ -224,6 +225,25 @@ pub(super) fn worker_options(o: &mut getopts::Options) {
         "cache-failures",
         "remember failed outputs and fail them at once",
     );
+    o.optflagopt(
+        "",
+        "sandbox",
+        "build in namespaces (default where they work; 'strict': __noChroot fails)",
+        "strict",
+    );
+    o.optflag("", "no-sandbox", "build in the caller's namespaces");
+    o.optmulti(
+        "",
+        "sandbox-paths",
+        "host paths bound read-only in the sandbox (TARGET=SOURCE, '?' optional)",
+        "PATHS",
+    );
+    o.optopt(
+        "",
+        "build-users-group",
+        "run each build as a free member of GROUP",
+        "GROUP",
+    );
     substitution_options(o);
 }
 
@@ -279,6 +299,48 @@ fn substitution_config(m: &getopts::Matches, cfg: &mut WorkerConfig) -> Result<(
     Ok(())
 }
 
+/// `--sandbox[=strict]`, `--no-sandbox`, else `HAUBERK_SANDBOX` (on, off, strict), else
+/// on where the namespace probe succeeds (a warning says when it does not).
+fn sandbox_mode(m: &getopts::Matches) -> Result<SandboxMode, CliError> {
+    let given = match (m.opt_present("sandbox"), m.opt_present("no-sandbox")) {
+        (true, true) => {
+            return Err(CliError::usage(
+                "--sandbox and --no-sandbox exclude each other",
+            ))
+        }
+        (false, true) => return Ok(SandboxMode::Off),
+        (true, false) => Some(m.opt_str("sandbox").unwrap_or_else(|| "true".into())),
+        (false, false) => std::env::var("HAUBERK_SANDBOX").ok(),
+    };
+    let mode = match given.as_deref() {
+        None => {
+            return Ok(match sandbox::probe() {
+                Ok(()) => SandboxMode::On,
+                Err(e) => {
+                    log::warn!(
+                        "sandbox: namespaces do not work here ({e}); building without the sandbox"
+                    );
+                    SandboxMode::Off
+                }
+            })
+        }
+        Some("" | "true" | "on" | "1") => SandboxMode::On,
+        Some("strict") => SandboxMode::Strict,
+        Some("false" | "off" | "0") => return Ok(SandboxMode::Off),
+        Some(other) => {
+            return Err(CliError::usage(format!(
+                "--sandbox: '{other}' is not one of true, false, strict"
+            )))
+        }
+    };
+    sandbox::probe().map_err(|e| {
+        CliError::new(format!(
+            "sandbox: {e} (namespaces are needed for the sandbox; use --no-sandbox)"
+        ))
+    })?;
+    Ok(mode)
+}
+
 /// The Worker configuration from [`worker_options`].
 pub(super) fn worker_config(m: &getopts::Matches) -> Result<WorkerConfig, CliError> {
     let secs = |v: Option<u64>| v.filter(|s| *s > 0).map(Duration::from_secs);
@@ -298,6 +360,12 @@ pub(super) fn worker_config(m: &getopts::Matches) -> Result<WorkerConfig, CliErr
         keep_failed: m.opt_present("keep-failed"),
         cache_failures: m.opt_present("cache-failures"),
         echo_output: m.opt_present("print-build-logs"),
+        sandbox: SandboxConfig {
+            mode: sandbox_mode(m)?,
+            paths: sandbox::parse_paths(m.opt_strs("sandbox-paths").iter().map(String::as_str))
+                .map_err(|e| CliError::usage(e.to_string()))?,
+            build_users_group: m.opt_str("build-users-group"),
+        },
         ..WorkerConfig::default()
     })
     .and_then(|mut cfg| {

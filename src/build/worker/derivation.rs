@@ -379,6 +379,10 @@ impl Worker {
         for (_, p) in plan.outputs.iter() {
             self.graph.intern(p);
         }
+        let mut iso = self
+            .sandbox
+            .begin(&self.store, drv_path, &drv)
+            .map_err(io_msg)?;
         let build_dir = create_build_dir(&self.cfg.tmp_dir, drv_path).map_err(io_msg)?;
         let prepared = (|| {
             let impure = |n: &str| std::env::var_os(n).map(|v| v.as_encoded_bytes().to_vec());
@@ -391,8 +395,20 @@ impl Worker {
                 tmp_base: &self.cfg.tmp_dir,
                 impure_env: &impure,
             };
-            let env = builder_env(&ctx, &drv, &build_dir).map_err(io_msg)?;
-            let spec = spawn_spec(&drv, env, &build_dir);
+            let env_dir = iso.env_dir(&build_dir);
+            let env = builder_env(&ctx, &drv, &build_dir, env_dir).map_err(io_msg)?;
+            let mut spec = spawn_spec(&drv, env, env_dir);
+            spec.setup = self
+                .sandbox
+                .setup(
+                    &mut iso,
+                    &mut self.store,
+                    &self.graph,
+                    &input_roots,
+                    &drv,
+                    &build_dir,
+                )
+                .map_err(io_msg)?;
             let child = Child::spawn(&spec, reactor, Owner::Worker).map_err(io_msg)?;
             // Created while the builder already runs (its output waits in the pipe);
             // on failure the child is killed when dropped.
@@ -417,6 +433,7 @@ impl Worker {
             started: now,
             last_output: now,
             timed_out: None,
+            isolation: iso.run,
         }))
     }
 
@@ -434,6 +451,7 @@ impl Worker {
             locks,
             input_roots,
             timed_out,
+            mut isolation,
             ..
         } = *build;
         let close = log.close();
@@ -461,6 +479,15 @@ impl Worker {
         let failure = failure.or_else(|| close.err().map(io_msg));
         let tail = log.tail.lines();
         drop(child);
+        let build_uid = isolation.build_uid();
+        let failure = match isolation.finish(&self.store, &plan.outputs) {
+            Ok(dir) => {
+                self.cleanup.extend(dir);
+                failure
+            }
+            Err(e) => failure.or(Some(io_msg(e))),
+        };
+        drop(isolation);
         if let Some(mut f) = failure {
             if self.cfg.keep_failed {
                 f.message.push_str(&format!(
@@ -486,6 +513,7 @@ impl Worker {
             drv: &drv,
             outputs: &plan.outputs,
             input_roots: &input_roots,
+            build_uid,
         };
         match check_outputs(&finished, &mut self.graph) {
             Ok((infos, entries)) => {

@@ -1,0 +1,1153 @@
+//! Build isolation as Nix 2.8's sandbox and build users: the sandbox options, the probe
+//! that tells whether namespaces work, the per-build setup plan (a list of system calls
+//! prepared in the parent, run by the child between clone and exec without allocating),
+//! the build-user pool (lock files under the state directory) and killing a build user's
+//! processes. It knows nothing of goals, logs or the event loop: the worker asks for a
+//! plan, `child.rs` runs it.
+
+use std::ffi::CString;
+use std::fmt;
+use std::fs;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use super::child::ChildSetup;
+use super::graph::PathGraph;
+use crate::store::drv::Derivation;
+use crate::store::fsutil;
+use crate::store::local::LocalStore;
+use crate::store::lock::PathLock;
+use crate::store::StorePath;
+
+/// Where builds run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SandboxMode {
+    /// In the caller's namespaces (`--no-sandbox`).
+    Off,
+    /// Sandboxed, except derivations with `__noChroot = "1"`.
+    #[default]
+    On,
+    /// Sandboxed always; `__noChroot` derivations fail.
+    Strict,
+}
+
+/// A `--sandbox-paths` entry: `target=source`, or `path` for both; `?` at the end of the
+/// source makes it optional (skipped when missing).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SandboxPath {
+    pub target: PathBuf,
+    pub source: PathBuf,
+    pub optional: bool,
+}
+
+/// The isolation options of a worker.
+#[derive(Clone, Debug, Default)]
+pub struct SandboxConfig {
+    pub mode: SandboxMode,
+    pub paths: Vec<SandboxPath>,
+    /// `--build-users-group`: builds run as free members of this group.
+    pub build_users_group: Option<String>,
+}
+
+#[derive(Debug)]
+pub enum SandboxError {
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        err: io::Error,
+    },
+    /// A `--sandbox-paths` entry that is not an absolute path.
+    BadPath(String),
+    /// The build-users group is unusable (missing, no members, not root).
+    Users(String),
+    /// Every build user is busy.
+    NoFreeUser(String),
+    /// The derivation cannot be built under the current mode.
+    Refused { drv: String, what: String },
+}
+
+impl fmt::Display for SandboxError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SandboxError::Io { op, path, err } => write!(f, "{op} {}: {err}", path.display()),
+            SandboxError::BadPath(p) => {
+                write!(f, "sandbox path '{p}': not an absolute path")
+            }
+            SandboxError::Users(m) => write!(f, "build users: {m}"),
+            SandboxError::NoFreeUser(g) => {
+                write!(f, "build users: all members of group '{g}' are busy")
+            }
+            SandboxError::Refused { drv, what } => write!(f, "build of '{drv}': {what}"),
+        }
+    }
+}
+
+impl std::error::Error for SandboxError {}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> SandboxError + 'a {
+    move |err| SandboxError::Io {
+        op,
+        path: path.to_path_buf(),
+        err,
+    }
+}
+
+/// Parses `--sandbox-paths` values (space-separated, repeatable).
+pub fn parse_paths<'a>(
+    values: impl IntoIterator<Item = &'a str>,
+) -> Result<Vec<SandboxPath>, SandboxError> {
+    let mut out = Vec::new();
+    for tok in values.into_iter().flat_map(str::split_whitespace) {
+        let (target, source) = match tok.split_once('=') {
+            Some((t, s)) => (t, s),
+            None => (tok, tok),
+        };
+        let (source, optional) = match source.strip_suffix('?') {
+            Some(s) => (s, true),
+            None => (source, false),
+        };
+        let target = target.strip_suffix('?').unwrap_or(target);
+        if !target.starts_with('/') || !source.starts_with('/') {
+            return Err(SandboxError::BadPath(tok.to_string()));
+        }
+        out.push(SandboxPath {
+            target: PathBuf::from(target),
+            source: PathBuf::from(source),
+            optional,
+        });
+    }
+    Ok(out)
+}
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// The namespaces of a sandboxed build (network added unless fixed-output).
+fn base_flags() -> libc::c_int {
+    let mut f = libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
+    if !is_root() {
+        f |= libc::CLONE_NEWUSER;
+    }
+    f
+}
+
+extern "C" fn probe_child(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: arg is a pointer to the setup built by `probe`, alive in this copy of the
+    // address space; only system calls follow.
+    let setup = unsafe { &*(arg as *const SandboxSetup) };
+    match unsafe { run_ops(&setup.ops) } {
+        Ok(()) => 0,
+        Err((_, errno)) => errno.clamp(1, 255),
+    }
+}
+
+/// Whether sandboxed builds can work here: a tiny clone with the sandbox's namespaces
+/// that makes its mounts private and mounts a tmpfs. `Err` names what failed.
+pub fn probe() -> Result<(), String> {
+    let mut ops = Vec::new();
+    user_map_ops(&mut ops);
+    ops.push(Op::MakePrivate);
+    ops.push(Op::Tmpfs {
+        target: c("/tmp"),
+        opts: c("size=1m"),
+    });
+    let setup = SandboxSetup {
+        flags: base_flags() | libc::CLONE_NEWNET,
+        ops,
+    };
+    let mut stack = vec![0u8; 64 * 1024];
+    // SAFETY: the stack top is inside `stack`, 16-byte aligned; without CLONE_VM the child
+    // has its own copy of `setup`.
+    let pid = unsafe {
+        let top = stack.as_mut_ptr().add(stack.len()) as usize & !15;
+        libc::clone(
+            probe_child,
+            top as *mut libc::c_void,
+            setup.flags | libc::SIGCHLD,
+            &setup as *const SandboxSetup as *mut libc::c_void,
+        )
+    };
+    if pid < 0 {
+        return Err(format!("create namespaces: {}", io::Error::last_os_error()));
+    }
+    let mut st = 0;
+    // SAFETY: waiting for our own child.
+    while unsafe { libc::waitpid(pid, &mut st, 0) } < 0 {
+        if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            return Err(format!("wait for probe: {}", io::Error::last_os_error()));
+        }
+    }
+    if libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 0 {
+        Ok(())
+    } else if libc::WIFEXITED(st) {
+        Err(format!(
+            "mount in a new namespace: {}",
+            io::Error::from_raw_os_error(libc::WEXITSTATUS(st))
+        ))
+    } else {
+        Err("namespace probe was killed".into())
+    }
+}
+
+fn c(s: &str) -> CString {
+    CString::new(s).unwrap_or_default()
+}
+
+fn cp(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_bytes()).unwrap_or_default()
+}
+
+/// One step of the child's setup. Paths are absolute, as seen before pivot_root.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Writes `data` to an existing file (the user-namespace maps in /proc/self).
+    WriteProc {
+        path: CString,
+        data: CString,
+    },
+    /// Makes every mount private, so nothing propagates to the host.
+    MakePrivate,
+    Tmpfs {
+        target: CString,
+        opts: CString,
+    },
+    /// Creates a directory (an existing one is fine).
+    Mkdir {
+        path: CString,
+        mode: u32,
+    },
+    /// Binds `src` on `dst`, creating `dst` as a directory or an empty file as `src` is;
+    /// a symbolic link `src` is copied instead when `copy_symlink`; a missing optional
+    /// source is skipped; `ro` remounts the bind read-only.
+    Bind {
+        src: CString,
+        dst: CString,
+        ro: bool,
+        optional: bool,
+        copy_symlink: bool,
+    },
+    /// A store path of the input closure: the mount point `real_dst` (the same entry as
+    /// `dst`, named through the store's own mount so a hard link works) is a directory, a
+    /// copied symbolic link, or a hard link to the shared empty file `empty` (no inode is
+    /// allocated or freed per build), then `src` is bound on `dst`.
+    BindStorePath {
+        src: CString,
+        dst: CString,
+        real_dst: CString,
+        empty: CString,
+    },
+    /// Detaches a mount.
+    Umount {
+        target: CString,
+    },
+    Rmdir {
+        path: CString,
+    },
+    WriteFile {
+        path: CString,
+        data: CString,
+    },
+    Symlink {
+        target: CString,
+        link: CString,
+    },
+    Mount {
+        src: CString,
+        target: CString,
+        fstype: CString,
+        opts: CString,
+    },
+    /// Host name `localhost`, domain name `(none)`.
+    Hostname,
+    /// Brings the loopback interface up.
+    LoopbackUp,
+    /// pivot_root into `root` and detach the old root.
+    PivotRoot {
+        root: CString,
+    },
+    /// Drops to a build user: supplementary groups, gid, uid.
+    SetUser {
+        uid: u32,
+        gid: u32,
+    },
+}
+
+impl Op {
+    /// What failed, for "sandbox: <what> <path>: <errno>".
+    fn describe(&self) -> (&'static str, &[u8]) {
+        match self {
+            Op::WriteProc { path, .. } => ("write", path.as_bytes()),
+            Op::MakePrivate => ("make mounts private", b""),
+            Op::Tmpfs { target, .. } => ("mount tmpfs on", target.as_bytes()),
+            Op::Mkdir { path, .. } => ("create directory", path.as_bytes()),
+            Op::Bind { src, .. } => ("bind", src.as_bytes()),
+            Op::BindStorePath { src, .. } => ("bind store path", src.as_bytes()),
+            Op::Umount { target } => ("unmount", target.as_bytes()),
+            Op::Rmdir { path } => ("remove", path.as_bytes()),
+            Op::WriteFile { path, .. } => ("write", path.as_bytes()),
+            Op::Symlink { link, .. } => ("create symlink", link.as_bytes()),
+            Op::Mount { target, .. } => ("mount", target.as_bytes()),
+            Op::Hostname => ("set host name", b""),
+            Op::LoopbackUp => ("bring up loopback interface", b"lo"),
+            Op::PivotRoot { root } => ("pivot_root to", root.as_bytes()),
+            Op::SetUser { .. } => ("switch to the build user", b""),
+        }
+    }
+}
+
+/// Everything the child needs: clone flags and the steps, prepared before clone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SandboxSetup {
+    pub flags: libc::c_int,
+    pub ops: Vec<Op>,
+}
+
+fn errno() -> i32 {
+    // SAFETY: reading the thread's errno.
+    unsafe { *libc::__errno_location() }
+}
+
+fn ok(r: libc::c_int) -> Result<(), i32> {
+    if r < 0 {
+        Err(errno())
+    } else {
+        Ok(())
+    }
+}
+
+fn ok_exists(r: libc::c_int) -> Result<(), i32> {
+    if r < 0 && errno() != libc::EEXIST {
+        Err(errno())
+    } else {
+        Ok(())
+    }
+}
+
+/// Runs the steps. In the child between clone and exec: system calls only, no
+/// allocation. Returns the index of the failed step and errno.
+///
+/// # Safety
+/// Only in a freshly cloned child.
+pub(super) unsafe fn run_ops(ops: &[Op]) -> Result<(), (usize, i32)> {
+    libc::umask(0);
+    for (i, op) in ops.iter().enumerate() {
+        run_op(op).map_err(|e| (i, e))?;
+    }
+    Ok(())
+}
+
+unsafe fn run_op(op: &Op) -> Result<(), i32> {
+    let null = std::ptr::null::<libc::c_char>();
+    match op {
+        Op::WriteProc { path, data } => {
+            let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(errno());
+            }
+            let b = data.as_bytes();
+            let n = libc::write(fd, b.as_ptr().cast(), b.len());
+            let e = errno();
+            libc::close(fd);
+            if n != b.len() as isize {
+                return Err(e);
+            }
+            Ok(())
+        }
+        Op::MakePrivate => ok(libc::mount(
+            null,
+            c"/".as_ptr(),
+            null,
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        )),
+        Op::Tmpfs { target, opts } => ok(libc::mount(
+            c"tmpfs".as_ptr(),
+            target.as_ptr(),
+            c"tmpfs".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV,
+            opts.as_ptr().cast(),
+        )),
+        Op::Mkdir { path, mode } => ok_exists(libc::mkdir(path.as_ptr(), *mode)),
+        Op::Bind {
+            src,
+            dst,
+            ro,
+            optional,
+            copy_symlink,
+        } => {
+            let mut st: libc::stat = std::mem::zeroed();
+            let r = if *copy_symlink {
+                libc::lstat(src.as_ptr(), &mut st)
+            } else {
+                libc::stat(src.as_ptr(), &mut st)
+            };
+            if r < 0 {
+                if *optional && errno() == libc::ENOENT {
+                    return Ok(());
+                }
+                return Err(errno());
+            }
+            match st.st_mode & libc::S_IFMT {
+                libc::S_IFDIR => ok_exists(libc::mkdir(dst.as_ptr(), 0o755))?,
+                libc::S_IFLNK => {
+                    let mut buf = [0u8; 4097];
+                    let n = libc::readlink(src.as_ptr(), buf.as_mut_ptr().cast(), 4096);
+                    if n < 0 {
+                        return Err(errno());
+                    }
+                    buf[n as usize] = 0;
+                    return ok(libc::symlink(buf.as_ptr().cast(), dst.as_ptr()));
+                }
+                _ => ok_exists(libc::mknod(dst.as_ptr(), libc::S_IFREG | 0o444, 0))?,
+            }
+            ok(libc::mount(
+                src.as_ptr(),
+                dst.as_ptr(),
+                null,
+                libc::MS_BIND | libc::MS_REC,
+                std::ptr::null(),
+            ))?;
+            if *ro {
+                ok(libc::mount(
+                    null,
+                    dst.as_ptr(),
+                    null,
+                    libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
+                    std::ptr::null(),
+                ))?;
+            }
+            Ok(())
+        }
+        Op::BindStorePath {
+            src,
+            dst,
+            real_dst,
+            empty,
+        } => {
+            let mut st: libc::stat = std::mem::zeroed();
+            ok(libc::lstat(src.as_ptr(), &mut st))?;
+            match st.st_mode & libc::S_IFMT {
+                libc::S_IFDIR => ok_exists(libc::mkdir(real_dst.as_ptr(), 0o755))?,
+                libc::S_IFLNK => {
+                    let mut buf = [0u8; 4097];
+                    let n = libc::readlink(src.as_ptr(), buf.as_mut_ptr().cast(), 4096);
+                    if n < 0 {
+                        return Err(errno());
+                    }
+                    buf[n as usize] = 0;
+                    return ok(libc::symlink(buf.as_ptr().cast(), real_dst.as_ptr()));
+                }
+                _ => ok_exists(libc::link(empty.as_ptr(), real_dst.as_ptr()))?,
+            }
+            ok(libc::mount(
+                src.as_ptr(),
+                dst.as_ptr(),
+                null,
+                libc::MS_BIND,
+                std::ptr::null(),
+            ))
+        }
+        Op::Umount { target } => ok(libc::umount2(target.as_ptr(), libc::MNT_DETACH)),
+        Op::Rmdir { path } => ok(libc::rmdir(path.as_ptr())),
+        Op::WriteFile { path, data } => {
+            let fd = libc::open(
+                path.as_ptr(),
+                libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC,
+                0o644,
+            );
+            if fd < 0 {
+                return Err(errno());
+            }
+            let b = data.as_bytes();
+            let n = libc::write(fd, b.as_ptr().cast(), b.len());
+            let e = errno();
+            libc::close(fd);
+            if n != b.len() as isize {
+                return Err(e);
+            }
+            Ok(())
+        }
+        Op::Symlink { target, link } => ok(libc::symlink(target.as_ptr(), link.as_ptr())),
+        Op::Mount {
+            src,
+            target,
+            fstype,
+            opts,
+        } => ok(libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            libc::MS_NOSUID | libc::MS_NOEXEC | libc::MS_NODEV,
+            if opts.as_bytes().is_empty() {
+                std::ptr::null()
+            } else {
+                opts.as_ptr().cast()
+            },
+        )),
+        Op::Hostname => {
+            ok(libc::sethostname(c"localhost".as_ptr(), 9))?;
+            ok(libc::setdomainname(c"(none)".as_ptr(), 6))
+        }
+        Op::LoopbackUp => {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+            if fd < 0 {
+                return Err(errno());
+            }
+            let mut ifr: libc::ifreq = std::mem::zeroed();
+            for (d, s) in ifr.ifr_name.iter_mut().zip(b"lo\0") {
+                *d = *s as libc::c_char;
+            }
+            ifr.ifr_ifru.ifru_flags =
+                (libc::IFF_UP | libc::IFF_LOOPBACK | libc::IFF_RUNNING) as libc::c_short;
+            let r = libc::ioctl(fd, libc::SIOCSIFFLAGS as _, &ifr);
+            let e = errno();
+            libc::close(fd);
+            if r < 0 {
+                return Err(e);
+            }
+            Ok(())
+        }
+        Op::PivotRoot { root } => {
+            ok(libc::chdir(root.as_ptr()))?;
+            ok(libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as libc::c_int)?;
+            ok(libc::umount2(c".".as_ptr(), libc::MNT_DETACH))?;
+            ok(libc::chdir(c"/".as_ptr()))
+        }
+        Op::SetUser { uid, gid } => {
+            let groups = [*gid as libc::gid_t];
+            ok(libc::setgroups(1, groups.as_ptr()))?;
+            ok(libc::setgid(*gid))?;
+            ok(libc::setuid(*uid))
+        }
+    }
+}
+
+/// Writes "sandbox step" details for the parent: the description of the failed step.
+/// Async-signal-safe; fills `buf` and returns the length used.
+pub(super) fn describe_failure(ops: &[Op], index: usize, buf: &mut [u8]) -> usize {
+    let Some(op) = ops.get(index) else { return 0 };
+    let (what, path) = op.describe();
+    let mut n = 0;
+    for part in [
+        what.as_bytes(),
+        if path.is_empty() { b"" } else { b" " },
+        path,
+    ] {
+        let k = part.len().min(buf.len() - n);
+        buf[n..n + k].copy_from_slice(&part[..k]);
+        n += k;
+    }
+    n
+}
+
+/// The user-namespace maps when not root: our uid as 1000, our gid as 100 (Nix's
+/// sandbox build user).
+fn user_map_ops(ops: &mut Vec<Op>) {
+    if is_root() {
+        return;
+    }
+    let uid = nix::unistd::geteuid().as_raw();
+    let gid = nix::unistd::getegid().as_raw();
+    ops.push(Op::WriteProc {
+        path: c("/proc/self/setgroups"),
+        data: c("deny"),
+    });
+    ops.push(Op::WriteProc {
+        path: c("/proc/self/uid_map"),
+        data: c(&format!("{SANDBOX_UID} {uid} 1")),
+    });
+    ops.push(Op::WriteProc {
+        path: c("/proc/self/gid_map"),
+        data: c(&format!("{SANDBOX_GID} {gid} 1")),
+    });
+}
+
+/// Nix's `sandboxUid`/`sandboxGid` under a user namespace.
+pub const SANDBOX_UID: u32 = 1000;
+pub const SANDBOX_GID: u32 = 100;
+/// The build directory inside the sandbox.
+pub const SANDBOX_BUILD_DIR: &str = "/build";
+
+/// A build user, held until dropped.
+#[derive(Debug)]
+pub struct UserLock {
+    pub uid: u32,
+    pub gid: u32,
+    _lock: PathLock,
+}
+
+/// The members of the build-users group and where their locks live.
+#[derive(Debug)]
+struct BuildUsers {
+    group: String,
+    gid: u32,
+    uids: Vec<u32>,
+    dir: PathBuf,
+}
+
+impl BuildUsers {
+    fn new(group: &str, state_dir: &Path) -> Result<BuildUsers, SandboxError> {
+        if !is_root() {
+            return Err(SandboxError::Users(format!(
+                "'--build-users-group {group}' needs root"
+            )));
+        }
+        let g = nix::unistd::Group::from_name(group)
+            .map_err(|e| SandboxError::Users(format!("look up group '{group}': {e}")))?
+            .ok_or_else(|| SandboxError::Users(format!("group '{group}' does not exist")))?;
+        let mut uids = Vec::new();
+        for m in &g.mem {
+            let u = nix::unistd::User::from_name(m)
+                .map_err(|e| SandboxError::Users(format!("look up user '{m}': {e}")))?
+                .ok_or_else(|| SandboxError::Users(format!("user '{m}' does not exist")))?;
+            if u.uid.is_root() {
+                return Err(SandboxError::Users(format!(
+                    "user '{m}' of group '{group}' is root"
+                )));
+            }
+            uids.push(u.uid.as_raw());
+        }
+        if uids.is_empty() {
+            return Err(SandboxError::Users(format!(
+                "group '{group}' has no members"
+            )));
+        }
+        let dir = state_dir.join("userpool");
+        fs::create_dir_all(&dir).map_err(io_err("create directory", &dir))?;
+        Ok(BuildUsers {
+            group: group.to_string(),
+            gid: g.gid.as_raw(),
+            uids,
+            dir,
+        })
+    }
+
+    /// The first member whose lock is free (the seed's UserLock).
+    fn acquire(&self) -> Result<UserLock, SandboxError> {
+        for &uid in &self.uids {
+            let p = self.dir.join(uid.to_string());
+            match PathLock::try_lock(&p) {
+                Ok(Some(lock)) => {
+                    return Ok(UserLock {
+                        uid,
+                        gid: self.gid,
+                        _lock: lock,
+                    })
+                }
+                Ok(None) => continue,
+                Err(e) => return Err(SandboxError::Users(e.to_string())),
+            }
+        }
+        Err(SandboxError::NoFreeUser(self.group.clone()))
+    }
+}
+
+/// Kills every process of `uid`, as Nix's `killUser`: a short-lived child switches to the
+/// uid and sends SIGKILL to everything it may signal.
+pub fn kill_user(uid: u32) -> Result<(), SandboxError> {
+    let who = PathBuf::from(format!("uid {uid}"));
+    // SAFETY: fork in a single-threaded program; the child only makes system calls.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(io_err("kill the processes of", &who)(
+            io::Error::last_os_error(),
+        ));
+    }
+    if pid == 0 {
+        // SAFETY: async-signal-safe calls only, then _exit.
+        unsafe {
+            if libc::setuid(uid) < 0 {
+                libc::_exit(1);
+            }
+            // One signal to everything the uid may signal (zombies included, so no loop
+            // until failure: that would never end).
+            loop {
+                if libc::kill(-1, libc::SIGKILL) == 0 {
+                    libc::_exit(0);
+                }
+                match errno() {
+                    libc::ESRCH | libc::EPERM => libc::_exit(0),
+                    libc::EINTR => continue,
+                    _ => libc::_exit(2),
+                }
+            }
+        }
+    }
+    let mut st = 0;
+    // SAFETY: waiting for our own child.
+    while unsafe { libc::waitpid(pid, &mut st, 0) } < 0 {
+        if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            return Err(io_err("wait for the killer of", &who)(
+                io::Error::last_os_error(),
+            ));
+        }
+    }
+    if libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 0 {
+        Ok(())
+    } else {
+        Err(io_err("kill the processes of", &who)(io::Error::other(
+            "the killer process failed",
+        )))
+    }
+}
+
+/// The worker's isolation state: options, the root mount point, the build users.
+#[derive(Debug)]
+pub struct Sandbox {
+    cfg: SandboxConfig,
+    /// The empty directory each sandboxed child mounts its private tmpfs root on.
+    root: PathBuf,
+    root_ready: bool,
+    users: Option<Result<BuildUsers, String>>,
+    store_dir_prepared: bool,
+    /// See [`Sandbox::empty_file`].
+    empty: Option<PathBuf>,
+}
+
+/// What a build holds for its isolation: its build user and the on-disk store directory
+/// of its sandbox (outputs are written there and moved to the store). Dropping it deletes
+/// that directory.
+#[derive(Debug, Default)]
+pub struct SandboxRun {
+    pub user: Option<UserLock>,
+    chroot_store: Option<PathBuf>,
+}
+
+impl SandboxRun {
+    /// The builder's uid (for the ownership check of outputs).
+    pub fn build_uid(&self) -> Option<u32> {
+        self.user.as_ref().map(|u| u.uid)
+    }
+
+    /// After the builder was reaped: kills what is left of the build user and moves the
+    /// outputs the builder wrote inside the sandbox to their store paths. Returns the
+    /// directory to delete later.
+    pub fn finish(
+        &mut self,
+        store: &LocalStore,
+        outputs: &[(Box<str>, StorePath)],
+    ) -> Result<Option<PathBuf>, SandboxError> {
+        if let Some(u) = &self.user {
+            kill_user(u.uid)?;
+        }
+        let Some(dir) = self.chroot_store.take() else {
+            return Ok(None);
+        };
+        for (_, p) in outputs {
+            let from = dir.join(p.base_name());
+            if fs::symlink_metadata(&from).is_ok() {
+                let to = store.real_path(p);
+                fs::rename(&from, &to).map_err(io_err("move output", &from))?;
+            }
+        }
+        Ok(Some(dir))
+    }
+}
+
+impl Drop for SandboxRun {
+    fn drop(&mut self) {
+        if let Some(u) = &self.user {
+            let _ = kill_user(u.uid);
+        }
+        if let Some(d) = self.chroot_store.take() {
+            let _ = fsutil::delete_path(&d);
+        }
+    }
+}
+
+/// Per build: whether it is sandboxed and as whom it runs.
+#[derive(Debug)]
+pub struct Isolation {
+    pub sandboxed: bool,
+    pub run: SandboxRun,
+}
+
+impl Isolation {
+    /// The build directory as the builder sees it.
+    pub fn env_dir<'a>(&self, build_dir: &'a Path) -> &'a Path {
+        if self.sandboxed {
+            Path::new(SANDBOX_BUILD_DIR)
+        } else {
+            build_dir
+        }
+    }
+}
+
+impl Sandbox {
+    pub fn new(cfg: SandboxConfig, state_dir: &Path) -> Sandbox {
+        let users = cfg
+            .build_users_group
+            .as_deref()
+            .map(|g| BuildUsers::new(g, state_dir).map_err(|e| e.to_string()));
+        Sandbox {
+            cfg,
+            root: state_dir.join("sandbox-root"),
+            root_ready: false,
+            users,
+            store_dir_prepared: false,
+            empty: None,
+        }
+    }
+
+    /// Decides how `drv` is isolated and takes a build user.
+    pub fn begin(
+        &mut self,
+        store: &LocalStore,
+        drv_path: &StorePath,
+        drv: &Derivation,
+    ) -> Result<Isolation, SandboxError> {
+        let no_chroot = drv.env_get("__noChroot") == Some(b"1");
+        let sandboxed = match self.cfg.mode {
+            SandboxMode::Off => false,
+            SandboxMode::On => !no_chroot,
+            SandboxMode::Strict if no_chroot => {
+                return Err(SandboxError::Refused {
+                    drv: store.print(drv_path),
+                    what: "derivation has '__noChroot' set, but that's not allowed when 'sandbox' is 'strict'".into(),
+                })
+            }
+            SandboxMode::Strict => true,
+        };
+        let user = match &self.users {
+            None => None,
+            Some(Err(m)) => return Err(SandboxError::Users(m.clone())),
+            Some(Ok(u)) => Some(u.acquire()?),
+        };
+        if user.is_some() && !self.store_dir_prepared {
+            // Build users create their outputs in the store directory (1775 root:group,
+            // as Nix).
+            let dir = Path::new(store.store_dir().as_str());
+            if let Some(Ok(u)) = &self.users {
+                nix::unistd::chown(dir, None, Some(nix::unistd::Gid::from_raw(u.gid)))
+                    .map_err(|e| io_err("change group of", dir)(io::Error::from(e)))?;
+            }
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o1775))
+                .map_err(io_err("change mode of", dir))?;
+            self.store_dir_prepared = true;
+        }
+        Ok(Isolation {
+            sandboxed,
+            run: SandboxRun {
+                user,
+                chroot_store: None,
+            },
+        })
+    }
+
+    /// Fills in the spawn setup for a build: the sandbox plan (or a user switch) and the
+    /// ownership of the build directory.
+    #[allow(clippy::too_many_arguments)]
+    pub fn setup(
+        &mut self,
+        iso: &mut Isolation,
+        store: &mut LocalStore,
+        graph: &PathGraph,
+        input_roots: &[u32],
+        drv: &Derivation,
+        build_dir: &Path,
+    ) -> Result<ChildSetup, SandboxError> {
+        let user = iso.run.user.as_ref().map(|u| (u.uid, u.gid));
+        if let Some((uid, gid)) = user {
+            chown_tree(build_dir, uid, gid)?;
+        }
+        if !iso.sandboxed {
+            return Ok(match user {
+                Some((uid, gid)) => ChildSetup::AsUser { uid, gid },
+                None => ChildSetup::Plain,
+            });
+        }
+        if !self.root_ready {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(&self.root)
+                .map_err(io_err("create directory", &self.root))?;
+            self.root_ready = true;
+        }
+        // The sandbox's store directory, on the store's file system so outputs can be
+        // renamed into place.
+        let chroot_store = store.staging_path();
+        fs::DirBuilder::new()
+            .mode(0o755)
+            .create(&chroot_store)
+            .map_err(io_err("create directory", &chroot_store))?;
+        iso.run.chroot_store = Some(chroot_store.clone());
+        if let Some((uid, gid)) = user {
+            chown_tree(&chroot_store, uid, gid)?;
+        }
+        let fixed = drv.is_fixed_output();
+        let mut flags = base_flags();
+        if !fixed {
+            flags |= libc::CLONE_NEWNET;
+        }
+        let empty = cp(&self.empty_file(store)?);
+        let root = &self.root;
+        let r = |p: &str| {
+            let mut s = root.as_os_str().as_bytes().to_vec();
+            s.extend_from_slice(p.as_bytes());
+            CString::new(s).unwrap_or_default()
+        };
+        let mut ops = Vec::with_capacity(64);
+        user_map_ops(&mut ops);
+        ops.push(Op::MakePrivate);
+        ops.push(Op::Tmpfs {
+            target: cp(root),
+            opts: c("mode=0755"),
+        });
+        // /build
+        ops.push(Op::Bind {
+            src: cp(build_dir),
+            dst: r(SANDBOX_BUILD_DIR),
+            ro: false,
+            optional: false,
+            copy_symlink: false,
+        });
+        ops.push(Op::Mkdir {
+            path: r("/tmp"),
+            mode: 0o1777,
+        });
+        // /etc
+        ops.push(Op::Mkdir {
+            path: r("/etc"),
+            mode: 0o755,
+        });
+        let (nix_uid, nix_gid) = match user {
+            Some((u, g)) => (u, g),
+            None => (SANDBOX_UID, SANDBOX_GID),
+        };
+        ops.push(Op::WriteFile {
+            path: r("/etc/passwd"),
+            data: c(&format!(
+                "root:x:0:0:Nix build user:{SANDBOX_BUILD_DIR}:/noshell\n\
+                 nixbld:x:{nix_uid}:{nix_gid}:Nix build user:{SANDBOX_BUILD_DIR}:/noshell\n\
+                 nobody:x:65534:65534:Nobody:/:/noshell\n"
+            )),
+        });
+        ops.push(Op::WriteFile {
+            path: r("/etc/group"),
+            data: c(&format!(
+                "root:x:0:\nnixbld:!:{nix_gid}:\nnogroup:x:65534:\n"
+            )),
+        });
+        if fixed {
+            for f in ["/etc/resolv.conf", "/etc/services", "/etc/hosts"] {
+                ops.push(Op::Bind {
+                    src: c(f),
+                    dst: r(f),
+                    ro: true,
+                    optional: true,
+                    copy_symlink: false,
+                });
+            }
+        } else {
+            ops.push(Op::WriteFile {
+                path: r("/etc/hosts"),
+                data: c("127.0.0.1 localhost\n::1 localhost\n"),
+            });
+        }
+        // /dev
+        ops.push(Op::Mkdir {
+            path: r("/dev"),
+            mode: 0o755,
+        });
+        for d in ["null", "zero", "full", "random", "urandom", "tty"] {
+            ops.push(Op::Bind {
+                src: c(&format!("/dev/{d}")),
+                dst: r(&format!("/dev/{d}")),
+                ro: false,
+                optional: d == "tty",
+                copy_symlink: false,
+            });
+        }
+        ops.push(Op::Mkdir {
+            path: r("/dev/pts"),
+            mode: 0o755,
+        });
+        ops.push(Op::Mount {
+            src: c("none"),
+            target: r("/dev/pts"),
+            fstype: c("devpts"),
+            opts: c("newinstance,mode=0620,ptmxmode=0666"),
+        });
+        ops.push(Op::Symlink {
+            target: c("/dev/pts/ptmx"),
+            link: r("/dev/ptmx"),
+        });
+        ops.push(Op::Mkdir {
+            path: r("/dev/shm"),
+            mode: 0o1777,
+        });
+        ops.push(Op::Tmpfs {
+            target: r("/dev/shm"),
+            opts: c("mode=1777"),
+        });
+        for (name, target) in [
+            ("fd", "/proc/self/fd"),
+            ("stdin", "/proc/self/fd/0"),
+            ("stdout", "/proc/self/fd/1"),
+            ("stderr", "/proc/self/fd/2"),
+        ] {
+            ops.push(Op::Symlink {
+                target: c(target),
+                link: r(&format!("/dev/{name}")),
+            });
+        }
+        ops.push(Op::Mkdir {
+            path: r("/proc"),
+            mode: 0o555,
+        });
+        ops.push(Op::Mount {
+            src: c("proc"),
+            target: r("/proc"),
+            fstype: c("proc"),
+            opts: c(""),
+        });
+        // --sandbox-paths: parents created, then bound read-only.
+        for sp in &self.cfg.paths {
+            mkdir_parents(&mut ops, &r, &sp.target);
+            ops.push(Op::Bind {
+                src: cp(&sp.source),
+                dst: r(&sp.target.to_string_lossy()),
+                ro: true,
+                optional: sp.optional,
+                copy_symlink: false,
+            });
+        }
+        // The store: the on-disk directory at the store path, then each path of the
+        // input closure bound from a read-only view of the real store (binds inherit
+        // read-only), then the view is detached.
+        let store_dir = store.store_dir().as_str().to_string();
+        mkdir_parents(&mut ops, &r, Path::new(&store_dir));
+        ops.push(Op::Bind {
+            src: cp(&chroot_store),
+            dst: r(&store_dir),
+            ro: false,
+            optional: false,
+            copy_symlink: false,
+        });
+        let view = "/.hauberk-store";
+        ops.push(Op::Bind {
+            src: c(&store_dir),
+            dst: r(view),
+            ro: true,
+            optional: false,
+            copy_symlink: false,
+        });
+        for id in graph.closure(input_roots) {
+            let base = graph.path(id).base_name();
+            ops.push(Op::BindStorePath {
+                src: r(&format!("{view}/{base}")),
+                dst: r(&format!("{store_dir}/{base}")),
+                real_dst: cp(&chroot_store.join(base)),
+                empty: empty.clone(),
+            });
+        }
+        ops.push(Op::Umount { target: r(view) });
+        ops.push(Op::Rmdir { path: r(view) });
+        ops.push(Op::Hostname);
+        if !fixed {
+            ops.push(Op::LoopbackUp);
+        }
+        ops.push(Op::PivotRoot { root: cp(root) });
+        if let Some((uid, gid)) = user {
+            ops.push(Op::SetUser { uid, gid });
+        }
+        Ok(ChildSetup::Sandbox(Box::new(SandboxSetup { flags, ops })))
+    }
+}
+
+impl Sandbox {
+    /// The shared empty file that file mount points are hard links to (created once, in
+    /// the store directory so links from the sandboxes' store directories work).
+    fn empty_file(&mut self, store: &mut LocalStore) -> Result<PathBuf, SandboxError> {
+        if let Some(p) = &self.empty {
+            return Ok(p.clone());
+        }
+        let p = store.staging_path();
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&p)
+            .map_err(io_err("create", &p))?;
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o444))
+            .map_err(io_err("change mode of", &p))?;
+        self.empty = Some(p.clone());
+        Ok(p)
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        if let Some(p) = self.empty.take() {
+            let _ = fs::remove_file(p);
+        }
+    }
+}
+
+/// Mkdir steps for every ancestor of `target` (inside the sandbox root), root first.
+fn mkdir_parents(ops: &mut Vec<Op>, r: &dyn Fn(&str) -> CString, target: &Path) {
+    let mut parents: Vec<&Path> = target.ancestors().skip(1).collect();
+    parents.reverse();
+    for p in parents {
+        if p.as_os_str().len() > 1 {
+            ops.push(Op::Mkdir {
+                path: r(&p.to_string_lossy()),
+                mode: 0o755,
+            });
+        }
+    }
+}
+
+/// Gives `dir` and what is directly in it to the build user.
+fn chown_tree(dir: &Path, uid: u32, gid: u32) -> Result<(), SandboxError> {
+    let own = |p: &Path| {
+        nix::unistd::fchownat(
+            None,
+            p,
+            Some(nix::unistd::Uid::from_raw(uid)),
+            Some(nix::unistd::Gid::from_raw(gid)),
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .map_err(|e| io_err("change owner of", p)(io::Error::from(e)))
+    };
+    own(dir)?;
+    for e in fs::read_dir(dir).map_err(io_err("read directory", dir))? {
+        let e = e.map_err(io_err("read directory", dir))?;
+        own(&e.path())?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sandbox_paths_as_nix() {
+        let p = parse_paths(["/bin /usr", "/etc/x=/opt/y?"]).unwrap();
+        assert_eq!(p.len(), 3);
+        assert_eq!(p[0].target, Path::new("/bin"));
+        assert_eq!(p[0].source, Path::new("/bin"));
+        assert!(!p[0].optional);
+        assert_eq!(p[2].target, Path::new("/etc/x"));
+        assert_eq!(p[2].source, Path::new("/opt/y"));
+        assert!(p[2].optional);
+        assert!(parse_paths(["relative"]).is_err());
+    }
+
+    #[test]
+    fn failure_description() {
+        let ops = vec![Op::Mount {
+            src: c("proc"),
+            target: c("/r/proc"),
+            fstype: c("proc"),
+            opts: c(""),
+        }];
+        let mut buf = [0u8; 64];
+        let n = describe_failure(&ops, 0, &mut buf);
+        assert_eq!(&buf[..n], b"mount /r/proc");
+    }
+}
