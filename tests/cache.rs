@@ -46,6 +46,9 @@ impl Env {
             .arg("--state-dir")
             .arg(self.dir.join("state"))
             .env("TMPDIR", self.dir.join("tmp"))
+            // The builders are /bin/sh scripts from the host: no sandbox here (tests/sandbox.rs
+            // covers it).
+            .env("HAUBERK_SANDBOX", "off")
             .args(args)
             .output()
             .unwrap()
@@ -446,6 +449,7 @@ fn in_namespace(store: &Path, script: &str) -> Output {
         store.display()
     );
     Command::new("/usr/bin/unshare")
+        .env("HAUBERK_SANDBOX", "off")
         .args([
             "--mount",
             "--propagation",
