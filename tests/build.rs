@@ -1,130 +1,33 @@
 //! End-to-end tests of `hauberk build`: the real binary on temporary stores, derivations
 //! added with `hauberk drv add` (JSON, /bin/sh builders).
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+mod common;
+
+use std::path::Path;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_hauberk");
-
-struct Env {
-    dir: PathBuf,
-}
+use common::{json_str, sh_drv_json, stderr, stdout, Env};
 
 impl Env {
-    fn new(name: &str) -> Env {
-        let dir = std::env::temp_dir().join(format!("hauberk-bt-{name}-{}", std::process::id()));
-        let _ = Command::new("chmod")
-            .arg("-R")
-            .arg("u+w")
-            .arg(&dir)
-            .status();
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(dir.join("tmp")).unwrap();
-        Env { dir }
+    fn cmd(&self) -> std::process::Command {
+        self.unsandboxed()
     }
 
-    fn store(&self) -> PathBuf {
-        self.dir.join("store")
-    }
-
-    fn cmd(&self) -> Command {
-        let mut c = Command::new(BIN);
-        c.arg("--store-dir")
-            .arg(self.store())
-            .arg("--state-dir")
-            .arg(self.dir.join("state"))
-            .env("TMPDIR", self.dir.join("tmp"))
-            // The builders write to the test directory: no sandbox (tests/sandbox.rs).
-            .env("HAUBERK_SANDBOX", "off");
-        c
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
+    fn run(&self, args: &[&str]) -> std::process::Output {
         self.cmd().args(args).output().unwrap()
-    }
-
-    /// Adds a derivation from JSON; returns (drv path, out path).
-    fn add(&self, json: &str) -> (String, String) {
-        let f = self.dir.join("in.json");
-        std::fs::write(&f, json).unwrap();
-        let o = self.run(&["drv", "add", f.to_str().unwrap()]);
-        assert!(o.status.success(), "drv add: {}", stderr(&o));
-        let drv = stdout(&o).trim().to_string();
-        let out = out_path(&drv);
-        (drv, out)
     }
 
     /// A /bin/sh derivation named `name` running `script`, depending on `deps` (their
     /// output paths are in $deps).
     fn mk(&self, name: &str, script: &str, deps: &[&(String, String)]) -> (String, String) {
-        let dep_outs: Vec<&str> = deps.iter().map(|d| d.1.as_str()).collect();
-        let input_drvs: Vec<String> = deps
-            .iter()
-            .map(|d| format!("{}: [\"out\"]", json_str(&d.0)))
-            .collect();
-        let json = format!(
-            r#"{{"name": {n}, "system": "x86_64-linux", "builder": "/bin/sh",
-              "args": ["-c", {s}],
-              "env": {{"name": {n}, "builder": "/bin/sh", "system": "x86_64-linux", "out": "",
-                      "deps": {d}, "work": {w}}},
-              "outputs": {{"out": {{}}}}, "inputDrvs": {{{i}}}, "inputSrcs": []}}"#,
-            n = json_str(name),
-            s = json_str(script),
-            d = json_str(&dep_outs.join(" ")),
-            w = json_str(self.dir.to_str().unwrap()),
-            i = input_drvs.join(", ")
-        );
-        self.add(&json)
+        self.add(&sh_drv_json(
+            name,
+            script,
+            deps,
+            &[("work", self.dir.to_str().unwrap())],
+        ))
     }
-
-    fn runs(&self, name: &str) -> usize {
-        std::fs::read_to_string(self.dir.join(format!("runs-{name}")))
-            .map(|s| s.lines().count())
-            .unwrap_or(0)
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            let _ = Command::new("chmod")
-                .arg("-R")
-                .arg("u+w")
-                .arg(&self.dir)
-                .status();
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
-}
-
-fn json_str(s: &str) -> String {
-    let mut o = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => o.push_str("\\\""),
-            '\\' => o.push_str("\\\\"),
-            '\n' => o.push_str("\\n"),
-            c => o.push(c),
-        }
-    }
-    o.push('"');
-    o
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// The `out` path written in a .drv file.
-fn out_path(drv: &str) -> String {
-    let text = std::fs::read_to_string(drv).unwrap();
-    let rest = text.strip_prefix("Derive([(\"out\",\"").unwrap();
-    rest[..rest.find('"').unwrap()].to_string()
 }
 
 /// A builder that records its run, then writes its name and inputs to $out.
@@ -483,73 +386,13 @@ fn nix_2_8_conformance_outputs() {
     let vectors = hauberk::testutil::conformance("nix-2.8");
     let e = Env::new("conformance");
     let store = e.dir.join("nixstore");
-    std::fs::create_dir_all(&store).unwrap();
-    let script = r#"echo "$name" > $out; for d in $deps; do echo "$d" >> $out; done"#;
-    let mut cmds = String::new();
-    let h = |args: &str| {
-        format!(
-            "{BIN} --store-dir /nix/store --state-dir {} {args}\n",
-            e.dir.join("state").display()
-        )
-    };
-    for n in 0..3 {
-        let f = e.dir.join(format!("layered-n{n}.json"));
-        std::fs::write(
-            &f,
-            format!(
-                r#"{{"name": "bvectors-layered-n{n}", "system": "x86_64-linux", "builder": "/bin/sh",
-                  "args": ["-c", {s}],
-                  "env": {{"builder": "/bin/sh", "deps": "", "name": "bvectors-layered-n{n}",
-                          "out": "", "salt": "vectors", "system": "x86_64-linux"}},
-                  "outputs": {{"out": {{}}}}, "inputDrvs": {{}}, "inputSrcs": []}}"#,
-                s = json_str(script)
-            ),
-        )
-        .unwrap();
-        cmds.push_str(&h(&format!("drv add {}", f.display())));
-    }
-    let dirs = ["leaf-no-inputs", "one-input", "three-inputs"];
-    for d in dirs {
-        cmds.push_str(&h(&format!(
-            "drv add {}",
-            vectors.join(d).join("drv.txt").display()
-        )));
-    }
-    for d in dirs {
-        let drv = std::fs::read_to_string(vectors.join(d).join("drv-path.txt")).unwrap();
-        cmds.push_str(&h(&format!("build {}", drv.trim())));
-        let outs = std::fs::read_to_string(vectors.join(d).join("outputs.txt")).unwrap();
-        let out = outs.split_whitespace().nth(1).unwrap();
-        cmds.push_str(&format!("echo NAR {d}\n"));
-        cmds.push_str(&h(&format!(
-            "store dump {out} | od -An -v -tx1 | tr -d ' \\n'; echo"
-        )));
-    }
-    let full = format!(
-        "set -e\nmount --bind {} /nix/store\n{cmds}",
-        store.display()
-    );
-    let o = Command::new("/usr/bin/unshare")
-        .env("HAUBERK_SANDBOX", "off")
-        .args([
-            "--mount",
-            "--propagation",
-            "private",
-            "/bin/sh",
-            "-c",
-            &full,
-        ])
-        .output()
-        .unwrap();
+    let script = common::nix_2_8_script(&vectors, &e.dir, &[]);
+    let o = common::in_nix_store(&store, &script, &[("HAUBERK_SANDBOX", "off".as_ref())]);
     let out = stdout(&o);
     assert!(o.status.success(), "{}\n{}", out, stderr(&o));
-    for d in dirs {
+    for d in common::NIX_2_8_DIRS {
         let want = std::fs::read_to_string(vectors.join(d).join("out-nar.hex")).unwrap();
-        let got = out
-            .split(&format!("NAR {d}\n"))
-            .nth(1)
-            .and_then(|r| r.lines().next())
-            .unwrap();
+        let got = common::nar_hex(&out, d);
         assert_eq!(got.trim(), want.trim(), "{d}");
         let drv = std::fs::read_to_string(vectors.join(d).join("drv-path.txt")).unwrap();
         assert!(out.contains(drv.trim()), "{d}: drv path differs\n{out}");

@@ -3,34 +3,20 @@
 //! interoperability directions with real Nix 2.8 (skipped with a message when Nix, root or
 //! unshare is missing).
 
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-const BIN: &str = env!("CARGO_BIN_EXE_hauberk");
-
-struct Env {
-    dir: PathBuf,
-}
+use common::{sh_drv_json, stderr, stdout, Env, BIN};
 
 fn chmod_w(p: &Path) {
     let _ = Command::new("chmod").arg("-R").arg("u+w").arg(p).status();
 }
 
 impl Env {
-    fn new(name: &str) -> Env {
-        let dir = std::env::temp_dir().join(format!("hauberk-ct-{name}-{}", std::process::id()));
-        chmod_w(&dir);
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(dir.join("tmp")).unwrap();
-        Env { dir }
-    }
-
-    fn store(&self) -> PathBuf {
-        self.dir.join("store")
-    }
-
     fn cache(&self) -> PathBuf {
         self.dir.join("cache")
     }
@@ -40,18 +26,7 @@ impl Env {
     }
 
     fn run(&self, args: &[&str]) -> Output {
-        Command::new(BIN)
-            .arg("--store-dir")
-            .arg(self.store())
-            .arg("--state-dir")
-            .arg(self.dir.join("state"))
-            .env("TMPDIR", self.dir.join("tmp"))
-            // The builders are /bin/sh scripts from the host: no sandbox here (tests/sandbox.rs
-            // covers it).
-            .env("HAUBERK_SANDBOX", "off")
-            .args(args)
-            .output()
-            .unwrap()
+        self.unsandboxed().args(args).output().unwrap()
     }
 
     fn ok(&self, args: &[&str]) -> String {
@@ -67,42 +42,15 @@ impl Env {
         let _ = std::fs::remove_dir_all(self.dir.join("state"));
     }
 
-    fn runs(&self, name: &str) -> usize {
-        std::fs::read_to_string(self.dir.join(format!("runs-{name}")))
-            .map(|s| s.lines().count())
-            .unwrap_or(0)
-    }
-
     /// A /bin/sh derivation that records its runs and writes its inputs' contents.
     fn mk(&self, name: &str, deps: &[&(String, String)]) -> (String, String) {
         let script = r#"echo run >> $work/runs-$name; echo "$name" > $out; for d in $deps; do echo "$d" >> $out; while read l; do echo "$l" >> $out; done < $d; done"#;
-        let dep_outs: Vec<&str> = deps.iter().map(|d| d.1.as_str()).collect();
-        let input_drvs: Vec<String> = deps
-            .iter()
-            .map(|d| format!("{}: [\"out\"]", json_str(&d.0)))
-            .collect();
-        let json = format!(
-            r#"{{"name": {n}, "system": "x86_64-linux", "builder": "/bin/sh",
-              "args": ["-c", {s}],
-              "env": {{"name": {n}, "builder": "/bin/sh", "system": "x86_64-linux", "out": "",
-                      "deps": {d}, "work": {w}}},
-              "outputs": {{"out": {{}}}}, "inputDrvs": {{{i}}}, "inputSrcs": []}}"#,
-            n = json_str(name),
-            s = json_str(script),
-            d = json_str(&dep_outs.join(" ")),
-            w = json_str(self.dir.to_str().unwrap()),
-            i = input_drvs.join(", ")
-        );
-        let f = self.dir.join(format!("{name}.json"));
-        std::fs::write(&f, json).unwrap();
-        let drv = self
-            .ok(&["drv", "add", f.to_str().unwrap()])
-            .trim()
-            .to_string();
-        let text = std::fs::read_to_string(&drv).unwrap();
-        let rest = text.strip_prefix("Derive([(\"out\",\"").unwrap();
-        let out = rest[..rest.find('"').unwrap()].to_string();
-        (drv, out)
+        self.add(&sh_drv_json(
+            name,
+            script,
+            deps,
+            &[("work", self.dir.to_str().unwrap())],
+        ))
     }
 
     /// Builds a → b, exports b's derivation and output closure signed; returns the
@@ -140,37 +88,6 @@ impl Env {
     fn is_valid(&self, p: &str) -> bool {
         self.run(&["store", "query", "--hash", p]).status.success()
     }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            chmod_w(&self.dir);
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
-}
-
-fn json_str(s: &str) -> String {
-    let mut o = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => o.push_str("\\\""),
-            '\\' => o.push_str("\\\\"),
-            '\n' => o.push_str("\\n"),
-            c => o.push(c),
-        }
-    }
-    o.push('"');
-    o
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 #[test]
@@ -443,23 +360,7 @@ fn unique() -> String {
 
 /// Runs `script` in a private mount namespace where `store` hides /nix/store.
 fn in_namespace(store: &Path, script: &str) -> Output {
-    std::fs::create_dir_all(store).unwrap();
-    let full = format!(
-        "set -e\nmount --bind {} /nix/store\n{script}",
-        store.display()
-    );
-    Command::new("/usr/bin/unshare")
-        .env("HAUBERK_SANDBOX", "off")
-        .args([
-            "--mount",
-            "--propagation",
-            "private",
-            "/bin/sh",
-            "-c",
-            &full,
-        ])
-        .output()
-        .unwrap()
+    common::in_nix_store(store, script, &[("HAUBERK_SANDBOX", "off".as_ref())])
 }
 
 #[test]
@@ -470,12 +371,7 @@ fn nix_substitutes_from_a_cache_hauberk_wrote() {
     let e = Env::new("to-nix");
     let salt = unique();
     let state = e.dir.join("nstate");
-    let h = |args: &str| {
-        format!(
-            "{BIN} --store-dir /nix/store --state-dir {} {args}\n",
-            state.display()
-        )
-    };
+    let h = |args: &str| common::nix_store_line(&state, args);
     let mut script = String::new();
     for (name, deps, inputs) in [("a", "", ""), ("b", "@A@", r#""@AD@": ["out"]"#)] {
         let json = format!(

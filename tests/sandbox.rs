@@ -2,35 +2,26 @@
 //! stores, /bin/sh builders with the host's /bin /lib /lib64 /usr bound read-only. They need
 //! root and working namespaces (CI has both); elsewhere they are skipped with a message.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_hauberk");
-const HOST_PATHS: &str = "/bin /lib /lib64? /usr";
+use common::{json_str, sh_drv_json, stderr, stdout, Env};
 
-struct Env {
-    dir: PathBuf,
-}
+const HOST_PATHS: &str = "/bin /lib /lib64? /usr";
 
 impl Env {
     /// `None` (with a message) where the sandbox cannot run.
-    fn new(name: &str) -> Option<Env> {
+    fn sandboxed(name: &str) -> Option<Env> {
         if !nix::unistd::geteuid().is_root() {
             eprintln!("skipped: the sandbox tests need root");
             return None;
         }
-        let dir = std::env::temp_dir().join(format!("hauberk-sb-{name}-{}", std::process::id()));
-        let _ = Command::new("chmod")
-            .arg("-R")
-            .arg("u+w")
-            .arg(&dir)
-            .status();
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(dir.join("tmp")).unwrap();
-        let e = Env { dir };
+        let e = Env::new(name);
         let probe = e
             .cmd()
             .args(["build", "--sandbox", "/nonexistent.drv"])
@@ -44,13 +35,8 @@ impl Env {
     }
 
     fn cmd(&self) -> Command {
-        let mut c = Command::new(BIN);
-        c.arg("--store-dir")
-            .arg(self.dir.join("store"))
-            .arg("--state-dir")
-            .arg(self.dir.join("state"))
-            .env("TMPDIR", self.dir.join("tmp"))
-            .env_remove("HAUBERK_SANDBOX");
+        let mut c = self.hauberk();
+        c.env_remove("HAUBERK_SANDBOX");
         c
     }
 
@@ -64,22 +50,6 @@ impl Env {
             .unwrap()
     }
 
-    fn add(&self, json: &str) -> (String, String) {
-        let f = self.dir.join("in.json");
-        std::fs::write(&f, json).unwrap();
-        let o = self
-            .cmd()
-            .args(["drv", "add", f.to_str().unwrap()])
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "drv add: {}", stderr(&o));
-        let drv = stdout(&o).trim().to_string();
-        let text = std::fs::read_to_string(&drv).unwrap();
-        let rest = text.strip_prefix("Derive([(\"out\",\"").unwrap();
-        let out = rest[..rest.find('"').unwrap()].to_string();
-        (drv, out)
-    }
-
     /// A /bin/sh derivation running `script` (PATH set to the host's), with `deps` as
     /// inputs (their outputs in $deps) and extra environment entries.
     fn mk(
@@ -89,27 +59,8 @@ impl Env {
         deps: &[&(String, String)],
         env: &[(&str, &str)],
     ) -> (String, String) {
-        let dep_outs: Vec<&str> = deps.iter().map(|d| d.1.as_str()).collect();
-        let input_drvs: Vec<String> = deps
-            .iter()
-            .map(|d| format!("{}: [\"out\"]", json_str(&d.0)))
-            .collect();
-        let extra: String = env
-            .iter()
-            .map(|(k, v)| format!(", {}: {}", json_str(k), json_str(v)))
-            .collect();
         let script = format!("PATH=/usr/bin:/bin; {script}");
-        self.add(&format!(
-            r#"{{"name": {n}, "system": "x86_64-linux", "builder": "/bin/sh",
-              "args": ["-c", {s}],
-              "env": {{"name": {n}, "builder": "/bin/sh", "system": "x86_64-linux", "out": "",
-                      "deps": {d}{extra}}},
-              "outputs": {{"out": {{}}}}, "inputDrvs": {{{i}}}, "inputSrcs": []}}"#,
-            n = json_str(name),
-            s = json_str(&script),
-            d = json_str(&dep_outs.join(" ")),
-            i = input_drvs.join(", ")
-        ))
+        self.add(&sh_drv_json(name, &script, deps, env))
     }
 
     /// Builds `d` in the sandbox, asserting success; returns its output's contents.
@@ -120,44 +71,11 @@ impl Env {
     }
 }
 
-impl Drop for Env {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            let _ = Command::new("chmod")
-                .arg("-R")
-                .arg("u+w")
-                .arg(&self.dir)
-                .status();
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
-}
-
-fn json_str(s: &str) -> String {
-    let mut o = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => o.push_str("\\\""),
-            '\\' => o.push_str("\\\\"),
-            '\n' => o.push_str("\\n"),
-            c => o.push(c),
-        }
-    }
-    o.push('"');
-    o
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
 #[test]
 fn only_the_input_closure_is_visible_and_read_only() {
-    let Some(e) = Env::new("closure") else { return };
+    let Some(e) = Env::sandboxed("closure") else {
+        return;
+    };
     let secret = e.mk("secret", "echo secret > $out", &[], &[]);
     let dep = e.mk("dep", "echo dep > $out", &[], &[]);
     let o = e.build(&[], &[&secret.0, &dep.0]);
@@ -180,7 +98,9 @@ fn only_the_input_closure_is_visible_and_read_only() {
 
 #[test]
 fn no_network_but_loopback_and_fixed_output_reaches_the_host() {
-    let Some(e) = Env::new("net") else { return };
+    let Some(e) = Env::sandboxed("net") else {
+        return;
+    };
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     l.set_nonblocking(true).unwrap();
     let port = l.local_addr().unwrap().port().to_string();
@@ -248,7 +168,9 @@ fn sha256_hex(data: &[u8]) -> Option<String> {
 
 #[test]
 fn builder_is_pid_1_and_sees_no_host_process() {
-    let Some(e) = Env::new("pid") else { return };
+    let Some(e) = Env::sandboxed("pid") else {
+        return;
+    };
     let t = e.mk(
         "pid",
         "echo $$ > $out; for p in /proc/[0-9]*; do echo ${p#/proc/}; done >> $out",
@@ -280,7 +202,9 @@ fn marker_processes(marker: &str) -> Vec<String> {
 
 #[test]
 fn background_processes_do_not_survive_the_build() {
-    let Some(e) = Env::new("bg") else { return };
+    let Some(e) = Env::sandboxed("bg") else {
+        return;
+    };
     let marker = format!("hauberk-bg-marker-{}", std::process::id());
     let t = e.mk(
         "bg",
@@ -302,7 +226,9 @@ fn background_processes_do_not_survive_the_build() {
 
 #[test]
 fn sandbox_failures_are_named_and_no_chroot_is_refused_when_strict() {
-    let Some(e) = Env::new("fail") else { return };
+    let Some(e) = Env::sandboxed("fail") else {
+        return;
+    };
     let t = e.mk("t", "echo ok > $out", &[], &[]);
     let o = e.build(&["--sandbox-paths", "/nonexistent-hauberk-path"], &[&t.0]);
     assert!(!o.status.success());
@@ -383,7 +309,7 @@ fn build_users_run_builds_as_different_uids() {
         return;
     }
     for flag in ["--sandbox", "--no-sandbox"] {
-        let Some(e) = Env::new(&format!("users{}", flag.len())) else {
+        let Some(e) = Env::sandboxed(&format!("users{}", flag.len())) else {
             return;
         };
         let a = e.mk("ua", "id -u > $out; sleep 1", &[], &[]);
@@ -417,7 +343,7 @@ fn build_users_run_builds_as_different_uids() {
 /// private mount namespace, as tests/build.rs) give Nix's NAR bytes.
 #[test]
 fn nix_2_8_conformance_in_the_sandbox() {
-    let Some(e) = Env::new("conformance") else {
+    let Some(e) = Env::sandboxed("conformance") else {
         return;
     };
     if !Path::new("/usr/bin/unshare").exists() {
@@ -426,76 +352,19 @@ fn nix_2_8_conformance_in_the_sandbox() {
     }
     let vectors = hauberk::testutil::conformance("nix-2.8");
     let store = e.dir.join("nixstore");
-    std::fs::create_dir_all(&store).unwrap();
-    let script = r#"echo "$name" > $out; for d in $deps; do echo "$d" >> $out; done"#;
-    let mut cmds = String::new();
-    let h = |args: &str| {
-        format!(
-            "{BIN} --store-dir /nix/store --state-dir {} {args}\n",
-            e.dir.join("state").display()
-        )
-    };
-    for n in 0..3 {
-        let f = e.dir.join(format!("layered-n{n}.json"));
-        std::fs::write(
-            &f,
-            format!(
-                r#"{{"name": "bvectors-layered-n{n}", "system": "x86_64-linux", "builder": "/bin/sh",
-                  "args": ["-c", {s}],
-                  "env": {{"builder": "/bin/sh", "deps": "", "name": "bvectors-layered-n{n}",
-                          "out": "", "salt": "vectors", "system": "x86_64-linux"}},
-                  "outputs": {{"out": {{}}}}, "inputDrvs": {{}}, "inputSrcs": []}}"#,
-                s = json_str(script)
-            ),
-        )
-        .unwrap();
-        cmds.push_str(&h(&format!("drv add {}", f.display())));
-    }
-    let dirs = ["leaf-no-inputs", "one-input", "three-inputs"];
-    for d in dirs {
-        cmds.push_str(&h(&format!(
-            "drv add {}",
-            vectors.join(d).join("drv.txt").display()
-        )));
-    }
-    for d in dirs {
-        let drv = std::fs::read_to_string(vectors.join(d).join("drv-path.txt")).unwrap();
-        cmds.push_str(&h(&format!(
-            "build --sandbox --sandbox-paths '{HOST_PATHS}' {}",
-            drv.trim()
-        )));
-        let outs = std::fs::read_to_string(vectors.join(d).join("outputs.txt")).unwrap();
-        let out = outs.split_whitespace().nth(1).unwrap();
-        cmds.push_str(&format!("echo NAR {d}\n"));
-        cmds.push_str(&h(&format!(
-            "store dump {out} | od -An -v -tx1 | tr -d ' \\n'; echo"
-        )));
-    }
-    let full = format!(
-        "set -e\nmount --bind {} /nix/store\n{cmds}",
-        store.display()
+    let host_paths = format!("'{HOST_PATHS}'");
+    let script = common::nix_2_8_script(
+        &vectors,
+        &e.dir,
+        &["--sandbox", "--sandbox-paths", &host_paths],
     );
-    let o = Command::new("/usr/bin/unshare")
-        .env("TMPDIR", e.dir.join("tmp"))
-        .args([
-            "--mount",
-            "--propagation",
-            "private",
-            "/bin/sh",
-            "-c",
-            &full,
-        ])
-        .output()
-        .unwrap();
+    let tmp = e.dir.join("tmp");
+    let o = common::in_nix_store(&store, &script, &[("TMPDIR", tmp.as_os_str())]);
     let out = stdout(&o);
     assert!(o.status.success(), "{}\n{}", out, stderr(&o));
-    for d in dirs {
+    for d in common::NIX_2_8_DIRS {
         let want = std::fs::read_to_string(vectors.join(d).join("out-nar.hex")).unwrap();
-        let got = out
-            .split(&format!("NAR {d}\n"))
-            .nth(1)
-            .and_then(|r| r.lines().next())
-            .unwrap();
+        let got = common::nar_hex(&out, d);
         assert_eq!(got.trim(), want.trim(), "{d}");
     }
 }
