@@ -32,8 +32,22 @@ pub fn encode(bytes: &[u8]) -> String {
     out
 }
 
+/// Digit value of each byte, 0xff for bytes outside the alphabet.
+const DIGITS: [u8; 256] = {
+    let mut t = [0xffu8; 256];
+    let mut i = 0;
+    while i < 32 {
+        t[ALPHABET[i] as usize] = i as u8;
+        i += 1;
+    }
+    t
+};
+
 fn digit(c: u8) -> Option<u8> {
-    ALPHABET.iter().position(|&a| a == c).map(|p| p as u8)
+    match DIGITS[c as usize] {
+        0xff => None,
+        d => Some(d),
+    }
 }
 
 /// Decodes a Nix base32 string into exactly `len` bytes; `None` when a character is not in

@@ -472,6 +472,14 @@ impl<'a> Parser<'a> {
         self.expect("\"", "'\"'")?;
         let mut out = Vec::new();
         loop {
+            // Copy the run up to the next quote or backslash in one go (memchr-fast).
+            let rest = &self.s[self.pos..];
+            let run = rest
+                .iter()
+                .position(|&b| b == b'"' || b == b'\\')
+                .unwrap_or(rest.len());
+            out.extend_from_slice(&rest[..run]);
+            self.pos += run;
             let Some(&c) = self.s.get(self.pos) else {
                 return Err(DrvError::UnterminatedString { offset: start });
             };
