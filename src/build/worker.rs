@@ -608,7 +608,13 @@ impl Worker {
                 FailureKind::TimedOut => self.timed_out = true,
                 FailureKind::HashMismatch => self.hash_mismatch = true,
                 k if k.is_permanent() => self.permanent_failure = true,
-                _ => {}
+                FailureKind::BuilderFailed
+                | FailureKind::CachedFailure
+                | FailureKind::OutputRejected
+                | FailureKind::DependencyFailed
+                | FailureKind::NoSubstituter
+                | FailureKind::MiscFailure
+                | FailureKind::Cancelled => {}
             }
         }
         let g = &self.goals[id.index()];
@@ -881,7 +887,9 @@ impl Worker {
                     limit.as_secs()
                 )
             }
-            _ => return,
+            (TimerKind::Silence, None, _)
+            | (TimerKind::Timeout, _, None)
+            | (TimerKind::LockRetry, _, _) => return,
         };
         build.timed_out = Some(message);
         // SIGKILL the group and reap at once: a killed builder ends quickly.
