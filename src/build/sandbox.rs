@@ -339,23 +339,26 @@ pub(super) unsafe fn run_ops(ops: &[Op]) -> Result<(), (usize, i32)> {
     Ok(())
 }
 
+/// Opens `path` with `flags` and writes `data` in one `write`, as `/proc` files need.
+/// System calls only (runs between clone and exec).
+unsafe fn write_whole(path: &std::ffi::CStr, flags: libc::c_int, data: &[u8]) -> Result<(), i32> {
+    let fd = libc::open(path.as_ptr(), flags | libc::O_CLOEXEC, 0o644);
+    if fd < 0 {
+        return Err(errno());
+    }
+    let n = libc::write(fd, data.as_ptr().cast(), data.len());
+    let e = errno();
+    libc::close(fd);
+    if n != data.len() as isize {
+        return Err(e);
+    }
+    Ok(())
+}
+
 unsafe fn run_op(op: &Op) -> Result<(), i32> {
     let null = std::ptr::null::<libc::c_char>();
     match op {
-        Op::WriteProc { path, data } => {
-            let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-            if fd < 0 {
-                return Err(errno());
-            }
-            let b = data.as_bytes();
-            let n = libc::write(fd, b.as_ptr().cast(), b.len());
-            let e = errno();
-            libc::close(fd);
-            if n != b.len() as isize {
-                return Err(e);
-            }
-            Ok(())
-        }
+        Op::WriteProc { path, data } => write_whole(path, libc::O_WRONLY, data.as_bytes()),
         Op::MakePrivate => ok(libc::mount(
             null,
             c"/".as_ptr(),
@@ -452,24 +455,11 @@ unsafe fn run_op(op: &Op) -> Result<(), i32> {
         }
         Op::Umount { target } => ok(libc::umount2(target.as_ptr(), libc::MNT_DETACH)),
         Op::Rmdir { path } => ok(libc::rmdir(path.as_ptr())),
-        Op::WriteFile { path, data } => {
-            let fd = libc::open(
-                path.as_ptr(),
-                libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC,
-                0o644,
-            );
-            if fd < 0 {
-                return Err(errno());
-            }
-            let b = data.as_bytes();
-            let n = libc::write(fd, b.as_ptr().cast(), b.len());
-            let e = errno();
-            libc::close(fd);
-            if n != b.len() as isize {
-                return Err(e);
-            }
-            Ok(())
-        }
+        Op::WriteFile { path, data } => write_whole(
+            path,
+            libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC,
+            data.as_bytes(),
+        ),
         Op::Symlink { target, link } => ok(libc::symlink(target.as_ptr(), link.as_ptr())),
         Op::Mount {
             src,
