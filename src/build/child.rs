@@ -263,7 +263,7 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
             }
         }
         if let ChildSetup::Sandbox(sb) = &*a.setup {
-            if let Err((i, errno)) = run_ops(&sb.ops) {
+            if let Err((i, errno)) = run_ops(sb) {
                 let mut msg = [0u8; 512];
                 msg[..4].copy_from_slice(&STEP_SANDBOX.to_ne_bytes());
                 msg[4..8].copy_from_slice(&errno.to_ne_bytes());

@@ -5,10 +5,14 @@
 //! processes. It knows nothing of goals, logs or the event loop: the worker asks for a
 //! plan, `child.rs` runs it.
 
+mod slot;
+
+use std::cell::Cell;
 use std::ffi::CString;
 use std::fmt;
 use std::fs;
 use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -66,6 +70,8 @@ pub enum SandboxError {
     NoFreeUser(String),
     /// The derivation cannot be built under the current mode.
     Refused { drv: String, what: String },
+    /// A sandbox could not be made or tidied (the message names the step and the path).
+    Setup(String),
 }
 
 impl fmt::Display for SandboxError {
@@ -80,6 +86,7 @@ impl fmt::Display for SandboxError {
                 write!(f, "build users: all members of group '{g}' are busy")
             }
             SandboxError::Refused { drv, what } => write!(f, "build of '{drv}': {what}"),
+            SandboxError::Setup(m) => write!(f, "sandbox: {m}"),
         }
     }
 }
@@ -138,7 +145,7 @@ extern "C" fn probe_child(arg: *mut libc::c_void) -> libc::c_int {
     // SAFETY: arg is a pointer to the setup built by `probe`, alive in this copy of the
     // address space; only system calls follow.
     let setup = unsafe { &*(arg as *const SandboxSetup) };
-    match unsafe { run_ops(&setup.ops) } {
+    match unsafe { run_ops(setup) } {
         Ok(()) => 0,
         Err((_, errno)) => errno.clamp(1, 255),
     }
@@ -154,10 +161,7 @@ pub fn probe() -> Result<(), String> {
         target: c("/tmp"),
         opts: c("size=1m"),
     });
-    let setup = SandboxSetup {
-        flags: base_flags() | libc::CLONE_NEWNET,
-        ops,
-    };
+    let setup = SandboxSetup::new(base_flags() | libc::CLONE_NEWNET, ops);
     let mut stack = vec![0u8; 64 * 1024];
     // SAFETY: the stack top is inside `stack`, 16-byte aligned; without CLONE_VM the child
     // has its own copy of `setup`.
@@ -273,6 +277,48 @@ pub enum Op {
         uid: u32,
         gid: u32,
     },
+    /// For a builder that stays root: drops CAP_SYS_ADMIN from every capability set and
+    /// the bounding set, so it can neither mount nor leave its namespaces.
+    DropSysAdmin,
+    /// Enters the namespace open as `fd` (a slot's, or the host's mount namespace).
+    SetNs {
+        fd: RawFd,
+        nstype: libc::c_int,
+    },
+    Unlink {
+        path: CString,
+    },
+    Rename {
+        from: CString,
+        to: CString,
+    },
+    /// A hard link `to` of the file `from`.
+    Link {
+        from: CString,
+        to: CString,
+    },
+    /// Makes `dst` a symbolic link with the target of the link `src`.
+    CopySymlink {
+        src: CString,
+        dst: CString,
+    },
+    /// Clones the mount of `src` as a detached mount (read-only if `ro`), kept in the
+    /// setup's descriptor slot `slot`.
+    OpenTree {
+        src: CString,
+        slot: usize,
+        ro: bool,
+    },
+    /// Attaches the detached mount of descriptor slot `slot` on `dst`.
+    MoveMount {
+        slot: usize,
+        dst: CString,
+    },
+    /// Moves the mount at `from` (and what is mounted below it) to `to`.
+    MoveTree {
+        from: CString,
+        to: CString,
+    },
 }
 
 impl Op {
@@ -294,15 +340,37 @@ impl Op {
             Op::LoopbackUp => ("bring up loopback interface", b"lo"),
             Op::PivotRoot { root } => ("pivot_root to", root.as_bytes()),
             Op::SetUser { .. } => ("switch to the build user", b""),
+            Op::DropSysAdmin => ("drop CAP_SYS_ADMIN", b""),
+            Op::SetNs { .. } => ("enter the slot's namespaces", b""),
+            Op::Unlink { path } => ("remove", path.as_bytes()),
+            Op::Rename { from, .. } => ("rename", from.as_bytes()),
+            Op::Link { to, .. } => ("create link", to.as_bytes()),
+            Op::CopySymlink { dst, .. } => ("create symlink", dst.as_bytes()),
+            Op::OpenTree { src, .. } => ("clone the mount of", src.as_bytes()),
+            Op::MoveMount { dst, .. } => ("attach a mount on", dst.as_bytes()),
+            Op::MoveTree { from, .. } => ("move the mount", from.as_bytes()),
         }
     }
 }
 
-/// Everything the child needs: clone flags and the steps, prepared before clone.
+/// Everything the child needs: clone flags and the steps, prepared before clone, and the
+/// descriptor slots that `OpenTree` fills and `MoveMount` uses (written only in the
+/// child, which has its own copy of the memory).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SandboxSetup {
     pub flags: libc::c_int,
     pub ops: Vec<Op>,
+    pub fds: Vec<Cell<libc::c_int>>,
+}
+
+impl SandboxSetup {
+    fn new(flags: libc::c_int, ops: Vec<Op>) -> SandboxSetup {
+        SandboxSetup {
+            flags,
+            ops,
+            fds: Vec::new(),
+        }
+    }
 }
 
 fn errno() -> i32 {
@@ -331,10 +399,10 @@ fn ok_exists(r: libc::c_int) -> Result<(), i32> {
 ///
 /// # Safety
 /// Only in a freshly cloned child.
-pub(super) unsafe fn run_ops(ops: &[Op]) -> Result<(), (usize, i32)> {
+pub(super) unsafe fn run_ops(setup: &SandboxSetup) -> Result<(), (usize, i32)> {
     libc::umask(0);
-    for (i, op) in ops.iter().enumerate() {
-        run_op(op).map_err(|e| (i, e))?;
+    for (i, op) in setup.ops.iter().enumerate() {
+        run_op(op, &setup.fds).map_err(|e| (i, e))?;
     }
     Ok(())
 }
@@ -355,7 +423,7 @@ unsafe fn write_whole(path: &std::ffi::CStr, flags: libc::c_int, data: &[u8]) ->
     Ok(())
 }
 
-unsafe fn run_op(op: &Op) -> Result<(), i32> {
+unsafe fn run_op(op: &Op, fds: &[Cell<libc::c_int>]) -> Result<(), i32> {
     let null = std::ptr::null::<libc::c_char>();
     match op {
         Op::WriteProc { path, data } => write_whole(path, libc::O_WRONLY, data.as_bytes()),
@@ -512,7 +580,126 @@ unsafe fn run_op(op: &Op) -> Result<(), i32> {
             ok(libc::setgid(*gid))?;
             ok(libc::setuid(*uid))
         }
+        Op::DropSysAdmin => drop_sys_admin(),
+        Op::SetNs { fd, nstype } => ok(libc::setns(*fd, *nstype)),
+        Op::Unlink { path } => ok(libc::unlink(path.as_ptr())),
+        Op::Rename { from, to } => ok(libc::rename(from.as_ptr(), to.as_ptr())),
+        Op::Link { from, to } => ok(libc::link(from.as_ptr(), to.as_ptr())),
+        Op::CopySymlink { src, dst } => {
+            let mut buf = [0u8; 4097];
+            let n = libc::readlink(src.as_ptr(), buf.as_mut_ptr().cast(), 4096);
+            if n < 0 {
+                return Err(errno());
+            }
+            buf[n as usize] = 0;
+            ok(libc::symlink(buf.as_ptr().cast(), dst.as_ptr()))
+        }
+        Op::OpenTree { src, slot, ro } => {
+            let fd = libc::syscall(
+                libc::SYS_open_tree,
+                libc::AT_FDCWD,
+                src.as_ptr(),
+                OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | AT_SYMLINK_NOFOLLOW,
+            ) as libc::c_int;
+            if fd < 0 {
+                return Err(errno());
+            }
+            if let Some(cell) = fds.get(*slot) {
+                cell.set(fd);
+            }
+            if *ro {
+                let attr = MountAttr {
+                    attr_set: MOUNT_ATTR_RDONLY,
+                    attr_clr: 0,
+                    propagation: 0,
+                    userns_fd: 0,
+                };
+                ok(libc::syscall(
+                    libc::SYS_mount_setattr,
+                    fd,
+                    c"".as_ptr(),
+                    libc::AT_EMPTY_PATH,
+                    &attr as *const MountAttr,
+                    std::mem::size_of::<MountAttr>(),
+                ) as libc::c_int)?;
+            }
+            Ok(())
+        }
+        Op::MoveTree { from, to } => ok(libc::mount(
+            from.as_ptr(),
+            to.as_ptr(),
+            null,
+            libc::MS_MOVE,
+            std::ptr::null(),
+        )),
+        Op::MoveMount { slot, dst } => {
+            let fd = fds.get(*slot).map_or(-1, Cell::get);
+            ok(libc::syscall(
+                libc::SYS_move_mount,
+                fd,
+                c"".as_ptr(),
+                libc::AT_FDCWD,
+                dst.as_ptr(),
+                MOVE_MOUNT_F_EMPTY_PATH,
+            ) as libc::c_int)?;
+            libc::close(fd);
+            Ok(())
+        }
     }
+}
+
+// The new mount API (Linux 5.2, mount_setattr 5.12); not all in the libc crate.
+const OPEN_TREE_CLONE: libc::c_uint = 1;
+const AT_SYMLINK_NOFOLLOW: libc::c_uint = 0x100;
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+const MOUNT_ATTR_RDONLY: u64 = 0x1;
+const CAP_SYS_ADMIN: u32 = 21;
+
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+/// Drops CAP_SYS_ADMIN from the bounding set (so exec cannot give it back to root) and
+/// from the effective, permitted and inheritable sets. System calls only.
+unsafe fn drop_sys_admin() -> Result<(), i32> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: libc::c_int,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    ok(libc::prctl(
+        libc::PR_CAPBSET_DROP,
+        CAP_SYS_ADMIN as libc::c_ulong,
+        0,
+        0,
+        0,
+    ))?;
+    let mut hdr = Header {
+        version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
+        pid: 0,
+    };
+    let mut data = [Data {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    ok(libc::syscall(libc::SYS_capget, &mut hdr as *mut Header, data.as_mut_ptr()) as libc::c_int)?;
+    let bit = !(1u32 << CAP_SYS_ADMIN);
+    data[0].effective &= bit;
+    data[0].permitted &= bit;
+    data[0].inheritable &= bit;
+    ok(libc::syscall(libc::SYS_capset, &mut hdr as *mut Header, data.as_ptr()) as libc::c_int)
 }
 
 /// Writes "sandbox step" details for the parent: the description of the failed step.
@@ -695,6 +882,11 @@ pub struct Sandbox {
     store_dir_prepared: bool,
     /// See [`Sandbox::empty_file`].
     empty: Option<PathBuf>,
+    /// Reused sandboxes (see `slot.rs`): root only, off with `HAUBERK_SANDBOX_REUSE=0`
+    /// or once making a slot failed (builds then get a sandbox each, as before).
+    reuse: bool,
+    slots: Vec<slot::Slot>,
+    host_mnt: Option<OwnedFd>,
 }
 
 /// What a build holds for its isolation: its build user and the on-disk store directory
@@ -704,36 +896,14 @@ pub struct Sandbox {
 pub struct SandboxRun {
     pub user: Option<UserLock>,
     chroot_store: Option<PathBuf>,
+    /// The reused sandbox slot this build holds.
+    slot: Option<usize>,
 }
 
 impl SandboxRun {
     /// The builder's uid (for the ownership check of outputs).
     pub fn build_uid(&self) -> Option<u32> {
         self.user.as_ref().map(|u| u.uid)
-    }
-
-    /// After the builder was reaped: kills what is left of the build user and moves the
-    /// outputs the builder wrote inside the sandbox to their store paths. Returns the
-    /// directory to delete later.
-    pub fn finish(
-        &mut self,
-        store: &LocalStore,
-        outputs: &[(Box<str>, StorePath)],
-    ) -> Result<Option<PathBuf>, SandboxError> {
-        if let Some(u) = &self.user {
-            kill_user(u.uid)?;
-        }
-        let Some(dir) = self.chroot_store.take() else {
-            return Ok(None);
-        };
-        for (_, p) in outputs {
-            let from = dir.join(p.base_name());
-            if fs::symlink_metadata(&from).is_ok() {
-                let to = store.real_path(p);
-                fs::rename(&from, &to).map_err(io_err("move output", &from))?;
-            }
-        }
-        Ok(Some(dir))
     }
 }
 
@@ -779,7 +949,59 @@ impl Sandbox {
             users,
             store_dir_prepared: false,
             empty: None,
+            reuse: is_root()
+                && std::env::var_os("HAUBERK_SANDBOX_REUSE").map_or(true, |v| v != "0"),
+            slots: Vec::new(),
+            host_mnt: None,
         }
+    }
+
+    /// After the builder was reaped: kills what is left of the build user and moves the
+    /// outputs the builder wrote inside the sandbox to their store paths. A reused slot is
+    /// given back (and thrown away unless the build `succeeded`). Returns a directory to
+    /// delete later.
+    pub fn finish(
+        &mut self,
+        run: &mut SandboxRun,
+        store: &LocalStore,
+        outputs: &[(Box<str>, StorePath)],
+        succeeded: bool,
+    ) -> Result<Option<PathBuf>, SandboxError> {
+        if let Some(u) = &run.user {
+            kill_user(u.uid)?;
+        }
+        let slot = run.slot.take();
+        let dir = match slot {
+            Some(k) => self.slots[k].ns.as_ref().map(|ns| ns.dir.join("store")),
+            None => run.chroot_store.take(),
+        };
+        let Some(dir) = dir else { return Ok(None) };
+        let mut moved = Ok(());
+        for (_, p) in outputs {
+            let from = dir.join(p.base_name());
+            if fs::symlink_metadata(&from).is_ok() {
+                let to = store.real_path(p);
+                if let Err(e) = fs::rename(&from, &to) {
+                    moved = Err(io_err("move output", &from)(e));
+                    break;
+                }
+            }
+        }
+        let Some(k) = slot else {
+            return moved.map(|()| Some(dir));
+        };
+        let s = &mut self.slots[k];
+        s.busy = false;
+        let swept = match (&moved, succeeded, &s.ns) {
+            (Ok(()), true, Some(ns)) => ns.sweep(),
+            _ => Err(SandboxError::Setup("slot not reusable".into())),
+        };
+        if swept.is_ok() {
+            return moved.map(|()| None);
+        }
+        // Closing the namespaces unmounts everything; the directory goes later.
+        let gone = s.ns.take().map(|ns| ns.dir.clone());
+        moved.map(|()| gone)
     }
 
     /// Decides how `drv` is isolated and takes a build user.
@@ -823,6 +1045,7 @@ impl Sandbox {
             run: SandboxRun {
                 user,
                 chroot_store: None,
+                slot: None,
             },
         })
     }
@@ -857,6 +1080,17 @@ impl Sandbox {
                 .map_err(io_err("create directory", &self.root))?;
             self.root_ready = true;
         }
+        let fixed = drv.is_fixed_output();
+        if self.reuse && !fixed {
+            match self.slot_setup(iso, store, graph, input_roots, build_dir, user) {
+                Ok(s) => return Ok(s),
+                Err(e) if iso.run.slot.is_none() => {
+                    log::warn!("{e}; sandboxes will not be reused");
+                    self.reuse = false;
+                }
+                Err(e) => return Err(e),
+            }
+        }
         // The sandbox's store directory, on the store's file system so outputs can be
         // renamed into place.
         let chroot_store = store.staging_path();
@@ -868,23 +1102,18 @@ impl Sandbox {
         if let Some((uid, gid)) = user {
             chown_tree(&chroot_store, uid, gid)?;
         }
-        let fixed = drv.is_fixed_output();
         let mut flags = base_flags();
         if !fixed {
             flags |= libc::CLONE_NEWNET;
         }
         let empty = cp(&self.empty_file(store)?);
-        let root = &self.root;
-        let r = |p: &str| {
-            let mut s = root.as_os_str().as_bytes().to_vec();
-            s.extend_from_slice(p.as_bytes());
-            CString::new(s).unwrap_or_default()
-        };
+        let root = self.root.clone();
+        let r = |p: &str| under(&root, p);
         let mut ops = Vec::with_capacity(64);
         user_map_ops(&mut ops);
         ops.push(Op::MakePrivate);
         ops.push(Op::Tmpfs {
-            target: cp(root),
+            target: cp(&root),
             opts: c("mode=0755"),
         });
         // /build
@@ -895,6 +1124,70 @@ impl Sandbox {
             optional: false,
             copy_symlink: false,
         });
+        self.skeleton_ops(&mut ops, &r, fixed);
+        let (passwd, group) = etc_user(user);
+        ops.push(Op::WriteFile {
+            path: r("/etc/passwd"),
+            data: passwd,
+        });
+        ops.push(Op::WriteFile {
+            path: r("/etc/group"),
+            data: group,
+        });
+        ops.push(Op::Tmpfs {
+            target: r("/dev/shm"),
+            opts: c("mode=1777"),
+        });
+        ops.push(Op::Mount {
+            src: c("proc"),
+            target: r("/proc"),
+            fstype: c("proc"),
+            opts: c(""),
+        });
+        // The store: the on-disk directory at the store path, then each path of the
+        // input closure bound from a read-only view of the real store (binds inherit
+        // read-only), then the view is detached.
+        let store_dir = store.store_dir().as_str().to_string();
+        mkdir_parents(&mut ops, &r, Path::new(&store_dir));
+        ops.push(Op::Bind {
+            src: cp(&chroot_store),
+            dst: r(&store_dir),
+            ro: false,
+            optional: false,
+            copy_symlink: false,
+        });
+        let view = "/.hauberk-store";
+        ops.push(Op::Bind {
+            src: c(&store_dir),
+            dst: r(view),
+            ro: true,
+            optional: false,
+            copy_symlink: false,
+        });
+        for id in graph.closure(input_roots) {
+            let base = graph.path(id).base_name();
+            ops.push(Op::BindStorePath {
+                src: r(&format!("{view}/{base}")),
+                dst: r(&format!("{store_dir}/{base}")),
+                real_dst: cp(&chroot_store.join(base)),
+                empty: empty.clone(),
+            });
+        }
+        ops.push(Op::Umount { target: r(view) });
+        ops.push(Op::Rmdir { path: r(view) });
+        ops.push(Op::Hostname);
+        if !fixed {
+            ops.push(Op::LoopbackUp);
+        }
+        ops.push(Op::PivotRoot { root: cp(&root) });
+        ops.extend(last_op(user));
+        Ok(ChildSetup::Sandbox(Box::new(SandboxSetup::new(flags, ops))))
+    }
+
+    /// What every sandbox has, below the root `r`: `/tmp`, `/etc` (hosts, or the host's
+    /// network files for fixed-output builds), `/dev`, the `/proc` mount point and the
+    /// `--sandbox-paths`.
+    fn skeleton_ops(&self, ops: &mut Vec<Op>, r: &dyn Fn(&str) -> CString, fixed: bool) {
         ops.push(Op::Mkdir {
             path: r("/tmp"),
             mode: 0o1777,
@@ -903,24 +1196,6 @@ impl Sandbox {
         ops.push(Op::Mkdir {
             path: r("/etc"),
             mode: 0o755,
-        });
-        let (nix_uid, nix_gid) = match user {
-            Some((u, g)) => (u, g),
-            None => (SANDBOX_UID, SANDBOX_GID),
-        };
-        ops.push(Op::WriteFile {
-            path: r("/etc/passwd"),
-            data: c(&format!(
-                "root:x:0:0:Nix build user:{SANDBOX_BUILD_DIR}:/noshell\n\
-                 nixbld:x:{nix_uid}:{nix_gid}:Nix build user:{SANDBOX_BUILD_DIR}:/noshell\n\
-                 nobody:x:65534:65534:Nobody:/:/noshell\n"
-            )),
-        });
-        ops.push(Op::WriteFile {
-            path: r("/etc/group"),
-            data: c(&format!(
-                "root:x:0:\nnixbld:!:{nix_gid}:\nnogroup:x:65534:\n"
-            )),
         });
         if fixed {
             for f in ["/etc/resolv.conf", "/etc/services", "/etc/hosts"] {
@@ -970,10 +1245,6 @@ impl Sandbox {
             path: r("/dev/shm"),
             mode: 0o1777,
         });
-        ops.push(Op::Tmpfs {
-            target: r("/dev/shm"),
-            opts: c("mode=1777"),
-        });
         for (name, target) in [
             ("fd", "/proc/self/fd"),
             ("stdin", "/proc/self/fd/0"),
@@ -989,15 +1260,9 @@ impl Sandbox {
             path: r("/proc"),
             mode: 0o555,
         });
-        ops.push(Op::Mount {
-            src: c("proc"),
-            target: r("/proc"),
-            fstype: c("proc"),
-            opts: c(""),
-        });
         // --sandbox-paths: parents created, then bound read-only.
         for sp in &self.cfg.paths {
-            mkdir_parents(&mut ops, &r, &sp.target);
+            mkdir_parents(ops, r, &sp.target);
             ops.push(Op::Bind {
                 src: cp(&sp.source),
                 dst: r(&sp.target.to_string_lossy()),
@@ -1006,46 +1271,134 @@ impl Sandbox {
                 copy_symlink: false,
             });
         }
-        // The store: the on-disk directory at the store path, then each path of the
-        // input closure bound from a read-only view of the real store (binds inherit
-        // read-only), then the view is detached.
+    }
+
+    /// The reused-sandbox path: takes a free slot (making its namespaces the first time)
+    /// and plans the diff from the slot's last closure to this build's.
+    fn slot_setup(
+        &mut self,
+        iso: &mut Isolation,
+        store: &mut LocalStore,
+        graph: &PathGraph,
+        input_roots: &[u32],
+        build_dir: &Path,
+        user: Option<(u32, u32)>,
+    ) -> Result<ChildSetup, SandboxError> {
+        let empty = self.empty_file(store)?;
+        if self.host_mnt.is_none() {
+            self.host_mnt = Some(slot::host_mount_ns()?);
+        }
+        let k = match self.slots.iter().position(|s| !s.busy) {
+            Some(k) => k,
+            None => {
+                self.slots.push(slot::Slot::default());
+                self.slots.len() - 1
+            }
+        };
         let store_dir = store.store_dir().as_str().to_string();
-        mkdir_parents(&mut ops, &r, Path::new(&store_dir));
-        ops.push(Op::Bind {
-            src: cp(&chroot_store),
-            dst: r(&store_dir),
-            ro: false,
-            optional: false,
-            copy_symlink: false,
-        });
-        let view = "/.hauberk-store";
-        ops.push(Op::Bind {
-            src: c(&store_dir),
-            dst: r(view),
-            ro: true,
-            optional: false,
-            copy_symlink: false,
-        });
-        for id in graph.closure(input_roots) {
-            let base = graph.path(id).base_name();
-            ops.push(Op::BindStorePath {
-                src: r(&format!("{view}/{base}")),
-                dst: r(&format!("{store_dir}/{base}")),
-                real_dst: cp(&chroot_store.join(base)),
-                empty: empty.clone(),
+        if self.slots[k].ns.is_none() {
+            let root = self.root.clone();
+            let r = |p: &str| under(&root, p);
+            let dir = store.staging_path();
+            let mut ops = Vec::with_capacity(48);
+            ops.push(Op::MakePrivate);
+            ops.push(Op::Tmpfs {
+                target: cp(&root),
+                opts: c("mode=0755"),
             });
-        }
-        ops.push(Op::Umount { target: r(view) });
-        ops.push(Op::Rmdir { path: r(view) });
-        ops.push(Op::Hostname);
-        if !fixed {
+            ops.push(Op::Mkdir {
+                path: r(SANDBOX_BUILD_DIR),
+                mode: 0o755,
+            });
+            self.skeleton_ops(&mut ops, &r, false);
+            mkdir_parents(&mut ops, &r, Path::new(&store_dir));
+            ops.push(Op::Bind {
+                src: cp(&dir.join("store")),
+                dst: r(&store_dir),
+                ro: false,
+                optional: false,
+                copy_symlink: false,
+            });
             ops.push(Op::LoopbackUp);
+            ops.push(Op::PivotRoot { root: cp(&root) });
+            let group = match &self.users {
+                Some(Ok(u)) => Some(u.gid),
+                _ => None,
+            };
+            self.slots[k].ns = Some(slot::SlotNs::create(dir, group, ops)?);
         }
-        ops.push(Op::PivotRoot { root: cp(root) });
-        if let Some((uid, gid)) = user {
-            ops.push(Op::SetUser { uid, gid });
-        }
-        Ok(ChildSetup::Sandbox(Box::new(SandboxSetup { flags, ops })))
+        let host_mnt = self.host_mnt.as_ref().map_or(-1, |f| f.as_raw_fd());
+        let real_store = PathBuf::from(&store_dir);
+        let (passwd, group) = etc_user(user);
+        let closure: Vec<&str> = graph
+            .closure(input_roots)
+            .into_iter()
+            .map(|id| graph.path(id).base_name())
+            .collect();
+        let ns = self.slots[k]
+            .ns
+            .as_mut()
+            .ok_or_else(|| SandboxError::Setup("slot without namespaces".into()))?;
+        let setup = ns.plan(slot::SlotBuild {
+            real_store: &real_store,
+            store_dir: &store_dir,
+            closure,
+            build_dir,
+            empty: &empty,
+            host_mnt,
+            passwd,
+            group,
+            last: last_op(user),
+        });
+        let setup = match setup {
+            Ok(s) => s,
+            Err(e) => {
+                // The view may be half planned: make the slot again next time.
+                let gone = self.slots[k].ns.take();
+                if let Some(ns) = gone {
+                    let dir = ns.dir.clone();
+                    drop(ns);
+                    let _ = fsutil::delete_path(&dir);
+                }
+                return Err(e);
+            }
+        };
+        self.slots[k].busy = true;
+        iso.run.slot = Some(k);
+        Ok(ChildSetup::Sandbox(Box::new(setup)))
+    }
+}
+
+/// `p` below the sandbox root `root`, as a C string.
+fn under(root: &Path, p: &str) -> CString {
+    let mut s = root.as_os_str().as_bytes().to_vec();
+    s.extend_from_slice(p.as_bytes());
+    CString::new(s).unwrap_or_default()
+}
+
+/// `/etc/passwd` and `/etc/group` inside: root, the build user as `nixbld`, nobody.
+fn etc_user(user: Option<(u32, u32)>) -> (CString, CString) {
+    let (nix_uid, nix_gid) = user.unwrap_or((SANDBOX_UID, SANDBOX_GID));
+    (
+        c(&format!(
+            "root:x:0:0:Nix build user:{SANDBOX_BUILD_DIR}:/noshell\n\
+             nixbld:x:{nix_uid}:{nix_gid}:Nix build user:{SANDBOX_BUILD_DIR}:/noshell\n\
+             nobody:x:65534:65534:Nobody:/:/noshell\n"
+        )),
+        c(&format!(
+            "root:x:0:\nnixbld:!:{nix_gid}:\nnogroup:x:65534:\n"
+        )),
+    )
+}
+
+/// The last step before exec: become the build user, or, for a builder that stays root,
+/// lose the power to mount.
+fn last_op(user: Option<(u32, u32)>) -> Option<Op> {
+    match user {
+        Some((uid, gid)) => Some(Op::SetUser { uid, gid }),
+        None if is_root() => Some(Op::DropSysAdmin),
+        // In a user namespace: root there has no power over the host's mounts.
+        None => None,
     }
 }
 
@@ -1078,7 +1431,7 @@ impl Drop for Sandbox {
 }
 
 /// Mkdir steps for every ancestor of `target` (inside the sandbox root), root first.
-fn mkdir_parents(ops: &mut Vec<Op>, r: &dyn Fn(&str) -> CString, target: &Path) {
+pub(super) fn mkdir_parents(ops: &mut Vec<Op>, r: &dyn Fn(&str) -> CString, target: &Path) {
     let mut parents: Vec<&Path> = target.ancestors().skip(1).collect();
     parents.reverse();
     for p in parents {

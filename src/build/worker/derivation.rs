@@ -480,7 +480,11 @@ impl Worker {
         let tail = log.tail.lines();
         drop(child);
         let build_uid = isolation.build_uid();
-        let failure = match isolation.finish(&self.store, &plan.outputs) {
+        let ok = failure.is_none();
+        let failure = match self
+            .sandbox
+            .finish(&mut isolation, &self.store, &plan.outputs, ok)
+        {
             Ok(dir) => {
                 self.cleanup.extend(dir);
                 failure
