@@ -40,8 +40,13 @@ pub struct TempDir(PathBuf);
 impl TempDir {
     /// Creates a fresh, empty scratch directory; panics when it cannot.
     pub fn new(tag: &str) -> TempDir {
+        TempDir::new_in(&std::env::temp_dir(), tag)
+    }
+
+    /// [`TempDir::new`] below `base` instead of the temporary directory.
+    pub fn new_in(base: &Path, tag: &str) -> TempDir {
         static N: AtomicUsize = AtomicUsize::new(0);
-        let p = std::env::temp_dir().join(format!(
+        let p = base.join(format!(
             "hauberk-test-{}-{}-{tag}",
             std::process::id(),
             N.fetch_add(1, Ordering::Relaxed)

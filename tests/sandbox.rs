@@ -17,11 +17,16 @@ const HOST_PATHS: &str = "/bin /lib /lib64? /usr";
 impl Env {
     /// `None` (with a message) where the sandbox cannot run.
     fn sandboxed(name: &str) -> Option<Env> {
+        Env::sandboxed_in(&std::env::temp_dir(), name)
+    }
+
+    /// [`Env::sandboxed`] with the scratch directory (and so the store) below `base`.
+    fn sandboxed_in(base: &Path, name: &str) -> Option<Env> {
         if !nix::unistd::geteuid().is_root() {
             eprintln!("skipped: the sandbox tests need root");
             return None;
         }
-        let e = Env::new(name);
+        let e = Env::new_in(base, name);
         let probe = e
             .cmd()
             .args(["build", "--sandbox", "/nonexistent.drv"])
@@ -94,6 +99,120 @@ fn only_the_input_closure_is_visible_and_read_only() {
     // The store shows the input and the output being built, nothing else.
     assert_eq!(out, "hidden\ndep\nread-only\n2\n");
     assert_eq!(std::fs::read_to_string(&dep.1).unwrap(), "dep\n");
+}
+
+/// One `hauberk build --max-jobs 1` builds a chain whose closures grow and shrink, so the
+/// single build slot is reused with paths added and removed (a directory, a file and a
+/// symlink); each builder records what it sees. Then a failing build that litters the
+/// sandbox comes before another one in the same process.
+fn slot_reuse_case(e: &Env, env: &[(&str, &str)]) {
+    let build = |extra: &[&str], drvs: &[&str]| {
+        let mut c = e.cmd();
+        c.args([
+            "build",
+            "--sandbox",
+            "--sandbox-paths",
+            HOST_PATHS,
+            "--max-jobs",
+            "1",
+        ])
+        .args(extra)
+        .args(drvs);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.output().unwrap()
+    };
+    let a = e.mk("a", "mkdir $out; echo a > $out/f", &[], &[]);
+    let b = e.mk("b", "echo b > $out", &[], &[]);
+    let l = e.mk("l", "ln -s target-l $out", &[], &[]);
+    let x1 = e.mk(
+        "x1",
+        r#"{ ls $NIX_STORE | wc -l; cat $A/f $B; readlink $L; } > $out
+           mkdir $NIX_STORE/junk-dir; echo j > $NIX_STORE/junk-file
+           echo t > /tmp/junk; echo s > /dev/shm/junk"#,
+        &[&a, &b, &l],
+        &[("A", &a.1), ("B", &b.1), ("L", &l.1)],
+    );
+    let seen = r#"for v in A B L; do
+             eval p=\$$v
+             if [ -e "$p" ] || [ -L "$p" ]; then echo $v-visible; else echo $v-hidden; fi
+           done
+           ls /tmp /dev/shm | grep -c junk || true"#;
+    let x2 = e.mk(
+        "x2",
+        &format!(r#"{{ ls $NIX_STORE | wc -l; head -1 $X1; {seen}; }} > $out"#),
+        &[&x1, &b],
+        &[("X1", &x1.1), ("A", &a.1), ("B", &b.1), ("L", &l.1)],
+    );
+    let x3 = e.mk(
+        "x3",
+        &format!(r#"{{ ls $NIX_STORE | wc -l; cat $A/f; {seen}; }} > $out"#),
+        &[&x2, &a],
+        &[("A", &a.1), ("B", &b.1), ("L", &l.1)],
+    );
+    let o = build(&[], &[&x3.0]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // x1: a, b, l and its own output.
+    assert_eq!(
+        std::fs::read_to_string(&x1.1).unwrap(),
+        "4\na\nb\ntarget-l\n"
+    );
+    // x2: x1, b and its output; a and l gone, no junk of x1 in the store, /tmp, /dev/shm.
+    assert_eq!(
+        std::fs::read_to_string(&x2.1).unwrap(),
+        "3\n4\nA-hidden\nB-visible\nL-hidden\n0\n"
+    );
+    // x3: x2, a (a directory again) and its output; b gone.
+    assert_eq!(
+        std::fs::read_to_string(&x3.1).unwrap(),
+        "3\na\nA-visible\nB-hidden\nL-hidden\n0\n"
+    );
+    let f = e.mk(
+        "f",
+        "mkdir $NIX_STORE/junk-f; echo t > /tmp/junk; exit 1",
+        &[],
+        &[],
+    );
+    let y = e.mk(
+        "y",
+        r#"{ ls $NIX_STORE | wc -l; ls /tmp | grep -c junk || true; cat $A/f; } > $out"#,
+        &[&a],
+        &[("A", &a.1)],
+    );
+    let o = build(&["--keep-going"], &[&f.0, &y.0]);
+    assert!(!o.status.success(), "the failing builder succeeded");
+    assert_eq!(std::fs::read_to_string(&y.1).unwrap(), "2\n0\na\n");
+}
+
+#[test]
+fn reused_sandboxes_show_each_build_only_its_own_closure() {
+    let Some(e) = Env::sandboxed("reuse") else {
+        return;
+    };
+    slot_reuse_case(&e, &[]);
+}
+
+#[test]
+fn reused_sandboxes_with_the_store_outside_tmp() {
+    // A store below /tmp is parked while each build gets a fresh /tmp; elsewhere not.
+    let base = Path::new("/var/tmp");
+    if !base.is_dir() {
+        eprintln!("skipped: no /var/tmp");
+        return;
+    }
+    let Some(e) = Env::sandboxed_in(base, "reuse-var") else {
+        return;
+    };
+    slot_reuse_case(&e, &[]);
+}
+
+#[test]
+fn one_sandbox_per_build_when_reuse_is_off() {
+    let Some(e) = Env::sandboxed("noreuse") else {
+        return;
+    };
+    slot_reuse_case(&e, &[("HAUBERK_SANDBOX_REUSE", "0")]);
 }
 
 #[test]

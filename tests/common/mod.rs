@@ -20,8 +20,15 @@ pub struct Env {
 }
 
 impl Env {
+    #[allow(dead_code)]
     pub fn new(tag: &str) -> Env {
-        let tmp = TempDir::new(tag);
+        Env::new_in(&std::env::temp_dir(), tag)
+    }
+
+    /// [`Env::new`] below `base`.
+    #[allow(dead_code)]
+    pub fn new_in(base: &Path, tag: &str) -> Env {
+        let tmp = TempDir::new_in(base, tag);
         let dir = tmp.path().to_path_buf();
         std::fs::create_dir_all(dir.join("tmp")).unwrap();
         Env {
