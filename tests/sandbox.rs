@@ -130,7 +130,8 @@ fn slot_reuse_case(e: &Env, env: &[(&str, &str)]) {
         "x1",
         r#"{ ls $NIX_STORE | wc -l; cat $A/f $B; readlink $L; } > $out
            mkdir $NIX_STORE/junk-dir; echo j > $NIX_STORE/junk-file
-           echo t > /tmp/junk; echo s > /dev/shm/junk"#,
+           echo t > /tmp/junk; echo s > /dev/shm/junk
+           touch /junk 2>/dev/null; echo 10.0.0.1 evil 2>/dev/null >> /etc/hosts; true"#,
         &[&a, &b, &l],
         &[("A", &a.1), ("B", &b.1), ("L", &l.1)],
     );
@@ -138,7 +139,8 @@ fn slot_reuse_case(e: &Env, env: &[(&str, &str)]) {
              eval p=\$$v
              if [ -e "$p" ] || [ -L "$p" ]; then echo $v-visible; else echo $v-hidden; fi
            done
-           ls /tmp /dev/shm | grep -c junk || true"#;
+           ls / /tmp /dev/shm | grep -c junk || true
+           grep -c evil /etc/hosts || true"#;
     let x2 = e.mk(
         "x2",
         &format!(r#"{{ ls $NIX_STORE | wc -l; head -1 $X1; {seen}; }} > $out"#),
@@ -158,15 +160,16 @@ fn slot_reuse_case(e: &Env, env: &[(&str, &str)]) {
         std::fs::read_to_string(&x1.1).unwrap(),
         "4\na\nb\ntarget-l\n"
     );
-    // x2: x1, b and its output; a and l gone, no junk of x1 in the store, /tmp, /dev/shm.
+    // x2: x1, b and its output; a and l gone, no junk of x1 in the store, /, /tmp,
+    // /dev/shm or /etc.
     assert_eq!(
         std::fs::read_to_string(&x2.1).unwrap(),
-        "3\n4\nA-hidden\nB-visible\nL-hidden\n0\n"
+        "3\n4\nA-hidden\nB-visible\nL-hidden\n0\n0\n"
     );
     // x3: x2, a (a directory again) and its output; b gone.
     assert_eq!(
         std::fs::read_to_string(&x3.1).unwrap(),
-        "3\na\nA-visible\nB-hidden\nL-hidden\n0\n"
+        "3\na\nA-visible\nB-hidden\nL-hidden\n0\n0\n"
     );
     let f = e.mk(
         "f",

@@ -314,6 +314,11 @@ pub enum Op {
         slot: usize,
         dst: CString,
     },
+    /// Makes the mount at `target` read-only, or writable again (nosuid, nodev kept).
+    Remount {
+        target: CString,
+        ro: bool,
+    },
     /// Moves the mount at `from` (and what is mounted below it) to `to`.
     MoveTree {
         from: CString,
@@ -349,6 +354,7 @@ impl Op {
             Op::OpenTree { src, .. } => ("clone the mount of", src.as_bytes()),
             Op::MoveMount { dst, .. } => ("attach a mount on", dst.as_bytes()),
             Op::MoveTree { from, .. } => ("move the mount", from.as_bytes()),
+            Op::Remount { target, .. } => ("remount", target.as_bytes()),
         }
     }
 }
@@ -625,6 +631,17 @@ unsafe fn run_op(op: &Op, fds: &[Cell<libc::c_int>]) -> Result<(), i32> {
             }
             Ok(())
         }
+        Op::Remount { target, ro } => ok(libc::mount(
+            null,
+            target.as_ptr(),
+            null,
+            libc::MS_REMOUNT
+                | libc::MS_BIND
+                | libc::MS_NOSUID
+                | libc::MS_NODEV
+                | if *ro { libc::MS_RDONLY } else { 0 },
+            std::ptr::null(),
+        )),
         Op::MoveTree { from, to } => ok(libc::mount(
             from.as_ptr(),
             to.as_ptr(),
@@ -1319,8 +1336,21 @@ impl Sandbox {
                 optional: false,
                 copy_symlink: false,
             });
+            if Path::new(&store_dir).starts_with("/tmp") {
+                // Where the store waits while each build gets a fresh /tmp.
+                ops.push(Op::Mkdir {
+                    path: r(slot::STORE_PARK),
+                    mode: 0,
+                });
+            }
             ops.push(Op::LoopbackUp);
             ops.push(Op::PivotRoot { root: cp(&root) });
+            // Nothing a builder writes outside /build, /tmp, /dev/shm and the store
+            // directory may outlive it.
+            ops.push(Op::Remount {
+                target: c("/"),
+                ro: true,
+            });
             let group = match &self.users {
                 Some(Ok(u)) => Some(u.gid),
                 _ => None,

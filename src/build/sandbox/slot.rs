@@ -34,6 +34,10 @@ use std::path::{Path, PathBuf};
 
 use super::{c, cp, describe_failure, io_err, run_ops, Op, SandboxError, SandboxSetup};
 
+/// Where a store below /tmp is parked while a build gets a fresh /tmp (made by the
+/// keeper only for such stores).
+pub(super) const STORE_PARK: &str = "/.hauberk-store";
+
 /// What a store path's mount point in the slot directory is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum EntryKind {
@@ -75,6 +79,8 @@ pub(super) struct SlotNs {
     pool_next: u32,
     /// Whether `/proc`, `/tmp`, `/dev/shm` and `/build` of a last build are mounted.
     per_build_mounted: bool,
+    /// The `/etc/passwd` and `/etc/group` written last (the same build user: not again).
+    etc: Option<(CString, CString)>,
 }
 
 /// One build slot: free or held, made or not yet.
@@ -259,6 +265,7 @@ impl SlotNs {
             pool: Vec::new(),
             pool_next: 0,
             per_build_mounted: false,
+            etc: None,
         })
     }
 
@@ -392,13 +399,9 @@ impl SlotNs {
             nstype: libc::CLONE_NEWNET,
         });
         // A fresh /tmp; a store below it is parked meanwhile and brought back.
-        let park = "/.hauberk-store";
+        let park = STORE_PARK;
         let store_in_tmp = Path::new(b.store_dir).starts_with("/tmp");
         if store_in_tmp {
-            ops.push(Op::Mkdir {
-                path: inside(park),
-                mode: 0o700,
-            });
             ops.push(Op::MoveTree {
                 from: inside(b.store_dir),
                 to: inside(park),
@@ -425,7 +428,6 @@ impl SlotNs {
                 from: inside(park),
                 to: inside(b.store_dir),
             });
-            ops.push(Op::Rmdir { path: inside(park) });
         }
         ops.extend(moves);
         ops.push(Op::Mount {
@@ -434,14 +436,26 @@ impl SlotNs {
             fstype: c("proc"),
             opts: c(""),
         });
-        ops.push(Op::WriteFile {
-            path: inside("/etc/passwd"),
-            data: b.passwd,
-        });
-        ops.push(Op::WriteFile {
-            path: inside("/etc/group"),
-            data: b.group,
-        });
+        let etc = (b.passwd, b.group);
+        if self.etc.as_ref() != Some(&etc) {
+            ops.push(Op::Remount {
+                target: inside("/"),
+                ro: false,
+            });
+            ops.push(Op::WriteFile {
+                path: inside("/etc/passwd"),
+                data: etc.0.clone(),
+            });
+            ops.push(Op::WriteFile {
+                path: inside("/etc/group"),
+                data: etc.1.clone(),
+            });
+            ops.push(Op::Remount {
+                target: inside("/"),
+                ro: true,
+            });
+            self.etc = Some(etc);
+        }
         ops.push(Op::Hostname);
         ops.extend(b.last);
         self.per_build_mounted = true;
