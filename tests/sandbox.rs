@@ -490,3 +490,240 @@ fn nix_2_8_conformance_in_the_sandbox() {
         assert_eq!(got.trim(), want.trim(), "{d}");
     }
 }
+
+/// The uid and gid (`nobody`, `nogroup`) that run hauberk in the unprivileged tests.
+const NOBODY: u32 = 65534;
+
+/// Whether every directory above `p` is searchable by others and `p` itself is readable
+/// and executable by them.
+fn reachable_by_others(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.permissions().mode());
+    p.ancestors().skip(1).all(|a| mode(a) & 0o001 != 0) && mode(p) & 0o005 == 0o005
+}
+
+/// Gives `p` and everything below it to `nobody`.
+fn chown_to_nobody(p: &Path) {
+    std::os::unix::fs::lchown(p, Some(NOBODY), Some(NOBODY)).unwrap();
+    if std::fs::symlink_metadata(p).unwrap().is_dir() {
+        for e in std::fs::read_dir(p).unwrap() {
+            chown_to_nobody(&e.unwrap().path());
+        }
+    }
+}
+
+/// `cmd` run as `nobody` (std drops the supplementary groups when root sets the uid).
+fn as_nobody(mut cmd: Command) -> Command {
+    use std::os::unix::process::CommandExt;
+    cmd.uid(NOBODY).gid(NOBODY);
+    cmd
+}
+
+/// hauberk run by `nobody` on a scratch store that `nobody` owns: every sandboxed build
+/// gets a user namespace of its own (the path CI, running as root, never takes).
+struct Unprivileged {
+    env: Env,
+    bin: std::path::PathBuf,
+}
+
+impl Unprivileged {
+    /// `None` (with a message) when not root, or where unprivileged user namespaces do
+    /// not work.
+    fn new(name: &str) -> Option<Unprivileged> {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: the unprivileged sandbox test needs root to switch to nobody");
+            return None;
+        }
+        // The scratch directory and the binary must be reachable by nobody.
+        let mut base = std::env::temp_dir();
+        if !reachable_by_others(&base) {
+            base = "/tmp".into();
+        }
+        let env = Env::new_in(&base, name);
+        let mut bin = std::path::PathBuf::from(common::BIN);
+        if !reachable_by_others(&bin) {
+            let copy = env.dir.join("hauberk");
+            std::fs::copy(&bin, &copy).unwrap();
+            bin = copy;
+        }
+        chown_to_nobody(&env.dir);
+        let unshare = as_nobody({
+            let mut c = Command::new("unshare");
+            c.args(["-U", "-r", "-n", "-m", "-p", "-f", "--mount-proc", "true"]);
+            c
+        })
+        .output();
+        let u = Unprivileged { env, bin };
+        let probe = u
+            .cmd()
+            .args(["build", "--sandbox", "/nonexistent.drv"])
+            .output()
+            .unwrap();
+        let refused = stderr(&probe).contains("namespaces are needed");
+        match unshare {
+            Ok(o) if !o.status.success() => {
+                eprintln!(
+                    "skipped: no unprivileged user namespaces here (unshare as nobody: {})",
+                    stderr(&o).trim()
+                );
+                return None;
+            }
+            // Where unshare works, hauberk's probe must agree.
+            Ok(_) => assert!(
+                !refused,
+                "unshare works as nobody, hauberk's probe not: {}",
+                stderr(&probe)
+            ),
+            Err(_) if refused => {
+                eprintln!("skipped: {}", stderr(&probe).trim());
+                return None;
+            }
+            Err(_) => {}
+        }
+        Some(u)
+    }
+
+    /// `hauberk --store-dir ... --state-dir ...` as nobody, TMPDIR in the scratch directory.
+    fn cmd(&self) -> Command {
+        let mut c = Command::new(&self.bin);
+        c.arg("--store-dir")
+            .arg(self.env.store())
+            .arg("--state-dir")
+            .arg(self.env.dir.join("state"))
+            .env("TMPDIR", self.env.dir.join("tmp"))
+            .env_remove("HAUBERK_SANDBOX");
+        as_nobody(c)
+    }
+
+    /// Adds a derivation from JSON as nobody; returns (drv path, out path).
+    fn add(&self, json: &str) -> (String, String) {
+        let f = self.env.dir.join("in.json");
+        std::fs::write(&f, json).unwrap();
+        let o = self
+            .cmd()
+            .args(["drv", "add", f.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "drv add: {}", stderr(&o));
+        let drv = stdout(&o).trim().to_string();
+        let out = common::out_path(&drv);
+        (drv, out)
+    }
+
+    /// As [`Env::mk`].
+    fn mk(
+        &self,
+        name: &str,
+        script: &str,
+        deps: &[&(String, String)],
+        env: &[(&str, &str)],
+    ) -> (String, String) {
+        let script = format!("PATH=/usr/bin:/bin; {script}");
+        self.add(&sh_drv_json(name, &script, deps, env))
+    }
+
+    /// `hauberk build --sandbox --sandbox-paths HOST_PATHS extra... drvs...` as nobody.
+    fn build(&self, extra: &[&str], drvs: &[&str]) -> Output {
+        self.cmd()
+            .args(["build", "--sandbox", "--sandbox-paths", HOST_PATHS])
+            .args(extra)
+            .args(drvs)
+            .output()
+            .unwrap()
+    }
+}
+
+#[test]
+fn unprivileged_builds_run_as_the_mapped_sandbox_uid() {
+    let Some(u) = Unprivileged::new("userns") else {
+        return;
+    };
+    use std::os::unix::fs::MetadataExt;
+    let secret = u.mk("secret", "echo secret > $out", &[], &[]);
+    let dep = u.mk("dep", "echo dep > $out", &[], &[]);
+    let dir = u.mk("depdir", "mkdir $out; echo d > $out/f", &[], &[]);
+    let o = u.build(&[], &[&secret.0, &dep.0, &dir.0]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.set_nonblocking(true).unwrap();
+    let port = l.local_addr().unwrap().port().to_string();
+    // The builder owns its inputs (nobody is its uid 1000), so only the read-only mounts
+    // and its lack of capabilities keep them intact.
+    let t = u.mk(
+        "inside",
+        r#"{ id -u; id -g; id -G; echo $$; grep CapEff /proc/self/status | tr -d '\t'
+             if cat "$secret" 2>/dev/null; then echo LEAKED; else echo hidden; fi
+             ls $NIX_STORE | wc -l
+             cat $dep $dir/f
+             for c in "chmod u+w $dep" "chmod u+w $dir" "touch $dir/new" "mkdir $dir/d"; do
+               if $c 2>/dev/null; then echo "WROTE: $c"; else echo read-only; fi
+             done
+             if echo x 2>/dev/null >> $dep; then echo WROTE; else echo read-only; fi
+             if bash -c "echo hi > /dev/tcp/127.0.0.1/$port" 2>/dev/null; then echo CONNECTED; else echo refused; fi
+           } > $out"#,
+        &[&dep, &dir],
+        &[
+            ("secret", &secret.1),
+            ("dep", &dep.1),
+            ("dir", &dir.1),
+            ("port", &port),
+        ],
+    );
+    let o = u.build(&[], &[&t.0]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o).trim(), t.1);
+    // Nix's sandboxUid/sandboxGid, no other group, PID 1, no capability left after exec;
+    // the store shows the two inputs and the output.
+    assert_eq!(
+        std::fs::read_to_string(&t.1).unwrap(),
+        "1000\n100\n100\n1\nCapEff:0000000000000000\nhidden\n3\ndep\nd\n\
+         read-only\nread-only\nread-only\nread-only\nread-only\nrefused\n"
+    );
+    assert!(
+        l.accept().is_err(),
+        "the builder reached the host's loopback"
+    );
+    assert_eq!(std::fs::read_to_string(&dep.1).unwrap(), "dep\n");
+    assert!(!Path::new(&dir.1).join("new").exists());
+    // The output is in the store, owned by the unprivileged user.
+    let md = std::fs::symlink_metadata(&t.1).unwrap();
+    assert_eq!((md.uid(), md.gid()), (NOBODY, NOBODY));
+    assert_eq!(md.mode() & 0o7777, 0o444);
+    // A fixed-output derivation (the host's network namespace, the user namespace still),
+    // built without `--sandbox`: the sandbox is on by default where the probe works.
+    let hash = sha256_hex(b"fixed\n").expect("sha256sum");
+    let f = u.add(&format!(
+        r#"{{"name": "fixed", "system": "x86_64-linux", "builder": "/bin/sh",
+          "args": ["-c", {s}],
+          "env": {{"name": "fixed", "builder": "/bin/sh", "system": "x86_64-linux", "out": "",
+                  "outputHashAlgo": "sha256", "outputHash": "{hash}", "outputHashMode": "flat"}},
+          "outputs": {{"out": {{"hashAlgo": "sha256", "hash": "{hash}"}}}},
+          "inputDrvs": {{}}, "inputSrcs": []}}"#,
+        s = json_str("PATH=/usr/bin:/bin; [ $(id -u) = 1000 ] && echo fixed > $out")
+    ));
+    let o = u
+        .cmd()
+        .args(["build", "--sandbox-paths", HOST_PATHS, &f.0])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(std::fs::read_to_string(&f.1).unwrap(), "fixed\n");
+    // A failed step names itself: a sandbox path below a directory only root may enter.
+    let private = u.env.dir.join("private");
+    std::fs::create_dir_all(private.join("inner")).unwrap();
+    std::fs::set_permissions(
+        &private,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    let inner = private.join("inner");
+    let g = u.mk("denied", "echo no > $out", &[], &[]);
+    let o = u.build(&["--sandbox-paths", inner.to_str().unwrap()], &[&g.0]);
+    assert!(!o.status.success(), "built with an unreadable sandbox path");
+    let want = format!(
+        "failed: sandbox: bind {}: Permission denied",
+        inner.display()
+    );
+    assert!(stderr(&o).contains(&want), "{}", stderr(&o));
+    assert!(!Path::new(&g.1).exists());
+}
