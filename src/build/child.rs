@@ -298,6 +298,10 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
                 child_fail(e, STEP_USER);
             }
         }
+        // A change of uid (build users) clears the parent-death signal: set it again.
+        if a.die_with_parent {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        }
         // Whatever else is open (other builders' pipes, databases) must not leak.
         libc::syscall(
             libc::SYS_close_range,
