@@ -975,24 +975,27 @@ impl Sandbox {
 
     /// After the builder was reaped: kills what is left of the build user and moves the
     /// outputs the builder wrote inside the sandbox to their store paths. A reused slot is
-    /// given back (and thrown away unless the build `succeeded`). Returns a directory to
-    /// delete later.
+    /// given back (and thrown away unless the build `succeeded` and this went well).
+    /// Returns a directory to delete later, and what went wrong.
     pub fn finish(
         &mut self,
         run: &mut SandboxRun,
         store: &LocalStore,
         outputs: &[(Box<str>, StorePath)],
         succeeded: bool,
-    ) -> Result<Option<PathBuf>, SandboxError> {
-        if let Some(u) = &run.user {
-            kill_user(u.uid)?;
-        }
+    ) -> (Option<PathBuf>, Result<(), SandboxError>) {
+        let killed = match &run.user {
+            Some(u) => kill_user(u.uid),
+            None => Ok(()),
+        };
         let slot = run.slot.take();
         let dir = match slot {
             Some(k) => self.slots[k].ns.as_ref().map(|ns| ns.dir.join("store")),
             None => run.chroot_store.take(),
         };
-        let Some(dir) = dir else { return Ok(None) };
+        let Some(dir) = dir else {
+            return (None, killed);
+        };
         let mut moved = Ok(());
         for (_, p) in outputs {
             let from = dir.join(p.base_name());
@@ -1004,21 +1007,21 @@ impl Sandbox {
                 }
             }
         }
+        let result = killed.and(moved);
         let Some(k) = slot else {
-            return moved.map(|()| Some(dir));
+            return (Some(dir), result);
         };
         let s = &mut self.slots[k];
         s.busy = false;
-        let swept = match (&moved, succeeded, &s.ns) {
-            (Ok(()), true, Some(ns)) => ns.sweep(),
-            _ => Err(SandboxError::Setup("slot not reusable".into())),
-        };
-        if swept.is_ok() {
-            return moved.map(|()| None);
+        if result.is_ok() && succeeded {
+            match s.ns.as_ref().map(|ns| ns.sweep()) {
+                Some(Ok(())) => return (None, result),
+                Some(Err(e)) => log::warn!("{e}; the sandbox slot is made again"),
+                None => {}
+            }
         }
         // Closing the namespaces unmounts everything; the directory goes later.
-        let gone = s.ns.take().map(|ns| ns.dir.clone());
-        moved.map(|()| gone)
+        (s.ns.take().map(|ns| ns.dir.clone()), result)
     }
 
     /// Decides how `drv` is isolated and takes a build user.

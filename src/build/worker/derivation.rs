@@ -481,14 +481,12 @@ impl Worker {
         drop(child);
         let build_uid = isolation.build_uid();
         let ok = failure.is_none();
-        let failure = match self
+        let (dir, finished) = self
             .sandbox
-            .finish(&mut isolation, &self.store, &plan.outputs, ok)
-        {
-            Ok(dir) => {
-                self.cleanup.extend(dir);
-                failure
-            }
+            .finish(&mut isolation, &self.store, &plan.outputs, ok);
+        self.cleanup.extend(dir);
+        let failure = match finished {
+            Ok(()) => failure,
             Err(e) => failure.or(Some(io_msg(e))),
         };
         drop(isolation);
