@@ -727,3 +727,150 @@ fn unprivileged_builds_run_as_the_mapped_sandbox_uid() {
     assert!(stderr(&o).contains(&want), "{}", stderr(&o));
     assert!(!Path::new(&g.1).exists());
 }
+
+/// Creates group `group` whose only members are `users` (system accounts); false when the
+/// tools are missing or fail.
+fn ensure_group_with(group: &str, users: &[&str]) -> bool {
+    let ok = |c: &mut Command| c.status().map(|s| s.success()).unwrap_or(false);
+    if !ok(Command::new("getent").args(["group", group]))
+        && !ok(Command::new("groupadd").args(["--system", group]))
+    {
+        return false;
+    }
+    for u in users {
+        if !ok(Command::new("getent").args(["passwd", u]))
+            && !ok(Command::new("useradd").args([
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                "--gid",
+                group,
+                "--groups",
+                group,
+                u,
+            ]))
+        {
+            return false;
+        }
+        let _ = Command::new("usermod")
+            .args(["-a", "-G", group, u])
+            .status();
+    }
+    true
+}
+
+/// Group `group` with one build user, `{group}1`: its uid, or `None` (skipped). Each
+/// test takes its own group: hauberk processes with other state directories do not see
+/// each other's user locks, and a build's end kills every process of its user.
+fn single_build_user(group: &str) -> Option<u32> {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: build users need root");
+        return None;
+    }
+    let user = format!("{group}1");
+    if !ensure_group_with(group, &[&user]) {
+        eprintln!("skipped: groupadd/useradd are missing or failed");
+        return None;
+    }
+    let u = nix::unistd::User::from_name(&user).ok()??;
+    Some(u.uid.as_raw())
+}
+
+/// A builder recording `UID START_NS END_NS` around a one-second sleep.
+const TIMED_BUILDER: &str =
+    "s=$(date +%s%N); sleep 1; e=$(date +%s%N); echo \"$(id -u) $s $e\" > $out";
+
+fn timed(path: &str) -> (String, u128, u128) {
+    let s = std::fs::read_to_string(path).unwrap();
+    let f: Vec<&str> = s.split_whitespace().collect();
+    assert_eq!(f.len(), 3, "{s}");
+    (
+        f[0].to_string(),
+        f[1].parse().unwrap(),
+        f[2].parse().unwrap(),
+    )
+}
+
+fn user_wait(group: &str) -> String {
+    format!("waiting for a free build user in group '{group}'")
+}
+
+/// Two independent builds with `--max-jobs 2` and one build user: the second waits for
+/// the user instead of failing, so both run, one after the other, as that user.
+#[test]
+fn builds_wait_for_a_free_build_user() {
+    let Some(uid) = single_build_user("hauberksolo") else {
+        return;
+    };
+    for flag in ["--sandbox", "--no-sandbox"] {
+        let Some(e) = Env::sandboxed(&format!("solo{}", flag.len())) else {
+            return;
+        };
+        let a = e.mk("sa", TIMED_BUILDER, &[], &[]);
+        let b = e.mk("sb", TIMED_BUILDER, &[], &[]);
+        let o = e
+            .cmd()
+            .args(["build", flag, "--sandbox-paths", HOST_PATHS])
+            .args([
+                "--build-users-group",
+                "hauberksolo",
+                "--max-jobs",
+                "2",
+                &a.0,
+                &b.0,
+            ])
+            .output()
+            .unwrap();
+        let err = stderr(&o);
+        assert!(o.status.success(), "{flag}: {err}");
+        let (ua, sa, ea) = timed(&a.1);
+        let (ub, sb, eb) = timed(&b.1);
+        assert_eq!(ua, uid.to_string(), "{flag}");
+        assert_eq!(ub, uid.to_string(), "{flag}");
+        assert!(ea <= sb || eb <= sa, "{flag}: the builds overlapped");
+        // Reported once, by the build that waited.
+        let wait = user_wait("hauberksolo");
+        assert_eq!(err.matches(&wait).count(), 1, "{flag}: {err}");
+    }
+}
+
+/// The only build user is held by another process (this test, with the same fcntl lock
+/// file a hauberk would hold): the build waits, and runs once it is released.
+#[test]
+fn a_build_waits_while_another_process_holds_the_build_user() {
+    let Some(uid) = single_build_user("hauberkheld") else {
+        return;
+    };
+    let Some(e) = Env::sandboxed("solo-held") else {
+        return;
+    };
+    let pool = e.dir.join("state/userpool");
+    std::fs::create_dir_all(&pool).unwrap();
+    let held = hauberk::store::lock::PathLock::try_lock(&pool.join(uid.to_string()))
+        .unwrap()
+        .expect("the build user's lock is free");
+    let d = e.mk("held", TIMED_BUILDER, &[], &[]);
+    let child = e
+        .cmd()
+        .args(["build", "--sandbox", "--sandbox-paths", HOST_PATHS])
+        .args(["--build-users-group", "hauberkheld", &d.0])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(!Path::new(&d.1).exists(), "built while the user was held");
+    let released = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    drop(held);
+    let o = child.wait_with_output().unwrap();
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert_eq!(err.matches(&user_wait("hauberkheld")).count(), 1, "{err}");
+    let (u, start, _) = timed(&d.1);
+    assert_eq!(u, uid.to_string());
+    assert!(start >= released, "started before the user was released");
+}

@@ -98,8 +98,13 @@ pub struct Plan {
     pub outputs: OutputPaths,
     pub inputs: Box<[GoalId]>,
     pub prefer_local: bool,
-    /// The wait before the next lock attempt when another process holds a lock.
-    pub lock_backoff: Duration,
+    /// `BuildWaiting` was reported for a busy output lock, for busy build users: once
+    /// per goal each, not at every retry.
+    pub lock_wait_reported: bool,
+    pub user_wait_reported: bool,
+    /// The wait before the next attempt when another process holds an output lock or
+    /// every build user (doubled at each retry, up to a second).
+    pub retry_backoff: Duration,
 }
 
 /// Which deadline a timer key stands for.
@@ -108,6 +113,8 @@ pub enum TimerKind {
     Silence,
     Timeout,
     LockRetry,
+    /// Try again for a free build user.
+    UserRetry,
 }
 
 impl TimerKind {
@@ -116,6 +123,7 @@ impl TimerKind {
             TimerKind::Silence => 0,
             TimerKind::Timeout => 1,
             TimerKind::LockRetry => 2,
+            TimerKind::UserRetry => 3,
         };
         ((goal.0 as u64) << 2) | k
     }
@@ -125,6 +133,7 @@ impl TimerKind {
             0 => TimerKind::Silence,
             1 => TimerKind::Timeout,
             2 => TimerKind::LockRetry,
+            3 => TimerKind::UserRetry,
             _ => return None,
         };
         Some((GoalId((key >> 2) as u32), kind))
@@ -149,8 +158,8 @@ pub struct RunningBuild {
     pub isolation: super::sandbox::SandboxRun,
 }
 
-/// The derivation goal: load → (substitute outputs) → realise inputs → wait for a slot or
-/// a lock → build → register → done.
+/// The derivation goal: load → (substitute outputs) → realise inputs → wait for a slot, a
+/// lock or a build user → build → register → done.
 #[derive(Debug)]
 pub enum DrvState {
     /// Created: nothing read yet (adding a goal is cheap).
@@ -176,6 +185,14 @@ pub enum DrvState {
         plan: Box<Plan>,
         retry_at: Instant,
         backoff: Duration,
+    },
+    /// Every member of the build-users group is busy (in this process or another): retry
+    /// at `retry_at`, or as soon as one of this worker's builds ends. Holds no lock and no
+    /// build slot; while a goal waits here no other build starts (they queue behind it in
+    /// the slot queue, and it goes back to the front of that queue).
+    WaitingForUser {
+        plan: Box<Plan>,
+        retry_at: Instant,
     },
     /// The builder runs.
     Building {
@@ -304,11 +321,24 @@ mod tests {
 
     #[test]
     fn timer_keys_round_trip() {
-        for k in [TimerKind::Silence, TimerKind::Timeout, TimerKind::LockRetry] {
+        for k in [
+            TimerKind::Silence,
+            TimerKind::Timeout,
+            TimerKind::LockRetry,
+            TimerKind::UserRetry,
+        ] {
             let g = GoalId(123_456);
             assert_eq!(TimerKind::from_key(k.key(g)), Some((g, k)));
         }
-        assert_eq!(TimerKind::from_key(3), None);
+        // Distinct keys per goal and kind.
+        assert_ne!(
+            TimerKind::UserRetry.key(GoalId(1)),
+            TimerKind::LockRetry.key(GoalId(1))
+        );
+        assert_ne!(
+            TimerKind::UserRetry.key(GoalId(1)),
+            TimerKind::Silence.key(GoalId(2))
+        );
     }
 
     #[test]

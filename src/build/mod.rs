@@ -16,4 +16,4 @@ pub mod worker;
 pub use goal::{Failure, FailureKind, GoalId, Outcome};
 pub use reactor::{Owner, Reactor, Wake};
 pub use run::{run_build, RunError};
-pub use worker::{Progress, Worker, WorkerConfig, WorkerEvent};
+pub use worker::{Progress, WaitReason, Worker, WorkerConfig, WorkerEvent};

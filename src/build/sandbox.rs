@@ -66,8 +66,6 @@ pub enum SandboxError {
     BadPath(String),
     /// The build-users group is unusable (missing, no members, not root).
     Users(String),
-    /// Every build user is busy.
-    NoFreeUser(String),
     /// The derivation cannot be built under the current mode.
     Refused { drv: String, what: String },
     /// A sandbox could not be made or tidied (the message names the step and the path).
@@ -82,9 +80,6 @@ impl fmt::Display for SandboxError {
                 write!(f, "sandbox path '{p}': not an absolute path")
             }
             SandboxError::Users(m) => write!(f, "build users: {m}"),
-            SandboxError::NoFreeUser(g) => {
-                write!(f, "build users: all members of group '{g}' are busy")
-            }
             SandboxError::Refused { drv, what } => write!(f, "build of '{drv}': {what}"),
             SandboxError::Setup(m) => write!(f, "sandbox: {m}"),
         }
@@ -819,23 +814,24 @@ impl BuildUsers {
         })
     }
 
-    /// The first member whose lock is free (the seed's UserLock).
-    fn acquire(&self) -> Result<UserLock, SandboxError> {
+    /// The first member whose lock is free (the seed's UserLock); `None` when every
+    /// member is busy, in this process or another (the caller waits and tries again).
+    fn acquire(&self) -> Result<Option<UserLock>, SandboxError> {
         for &uid in &self.uids {
             let p = self.dir.join(uid.to_string());
             match PathLock::try_lock(&p) {
                 Ok(Some(lock)) => {
-                    return Ok(UserLock {
+                    return Ok(Some(UserLock {
                         uid,
                         gid: self.gid,
                         _lock: lock,
-                    })
+                    }))
                 }
                 Ok(None) => continue,
                 Err(e) => return Err(SandboxError::Users(e.to_string())),
             }
         }
-        Err(SandboxError::NoFreeUser(self.group.clone()))
+        Ok(None)
     }
 }
 
@@ -935,6 +931,16 @@ impl Drop for SandboxRun {
     }
 }
 
+/// What [`Sandbox::begin`] decided for a build.
+#[derive(Debug)]
+pub enum Begin {
+    /// The build may start, isolated so.
+    Ready(Isolation),
+    /// Every member of the build-users group `group` is busy: nothing is held; try again
+    /// later (the worker waits, as Nix's "waiting for UID").
+    UsersBusy { group: String },
+}
+
 /// Per build: whether it is sandboxed and as whom it runs.
 #[derive(Debug)]
 pub struct Isolation {
@@ -1024,13 +1030,14 @@ impl Sandbox {
         (s.ns.take().map(|ns| ns.dir.clone()), result)
     }
 
-    /// Decides how `drv` is isolated and takes a build user.
+    /// Decides how `drv` is isolated and takes a build user; [`Begin::UsersBusy`] when
+    /// every build user is busy. An unusable group is an error.
     pub fn begin(
         &mut self,
         store: &LocalStore,
         drv_path: &StorePath,
         drv: &Derivation,
-    ) -> Result<Isolation, SandboxError> {
+    ) -> Result<Begin, SandboxError> {
         let no_chroot = drv.env_get("__noChroot") == Some(b"1");
         let sandboxed = match self.cfg.mode {
             SandboxMode::Off => false,
@@ -1046,7 +1053,14 @@ impl Sandbox {
         let user = match &self.users {
             None => None,
             Some(Err(m)) => return Err(SandboxError::Users(m.clone())),
-            Some(Ok(u)) => Some(u.acquire()?),
+            Some(Ok(u)) => match u.acquire()? {
+                Some(lock) => Some(lock),
+                None => {
+                    return Ok(Begin::UsersBusy {
+                        group: u.group.clone(),
+                    })
+                }
+            },
         };
         if user.is_some() && !self.store_dir_prepared {
             // Build users create their outputs in the store directory (1775 root:group,
@@ -1060,14 +1074,14 @@ impl Sandbox {
                 .map_err(io_err("change mode of", dir))?;
             self.store_dir_prepared = true;
         }
-        Ok(Isolation {
+        Ok(Begin::Ready(Isolation {
             sandboxed,
             run: SandboxRun {
                 user,
                 chroot_store: None,
                 slot: None,
             },
-        })
+        }))
     }
 
     /// Fills in the spawn setup for a build: the sandbox plan (or a user switch) and the

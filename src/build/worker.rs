@@ -116,6 +116,9 @@ pub enum WorkerEvent {
     },
     /// A derivation goal failed without running a builder (dependencies, missing inputs).
     DerivationFailed { drv: StorePath, failure: Failure },
+    /// A build cannot start yet and waits (reported once per goal and reason, as Nix's
+    /// "waiting for lock" / "waiting for UID" activities).
+    BuildWaiting { drv: StorePath, reason: WaitReason },
     /// A top-level goal is done.
     GoalFinished { goal: GoalId, outcome: Outcome },
     /// A substituter child started fetching a path.
@@ -132,6 +135,35 @@ pub enum WorkerEvent {
         status: i32,
         result: Result<(), String>,
     },
+}
+
+/// Why a build waits before it starts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WaitReason {
+    /// Another process holds the lock of one of these outputs.
+    OutputLock { outputs: Vec<StorePath> },
+    /// Every member of the build-users group is busy.
+    BuildUser { group: String },
+}
+
+impl WaitReason {
+    /// The line drivers print for `BuildWaiting` (Nix 2.8's "waiting for lock on ...",
+    /// and its "waiting for UID to build ..." with the group named).
+    pub fn describe(&self, store: &LocalStore, drv: &StorePath) -> String {
+        match self {
+            WaitReason::OutputLock { outputs } => {
+                let paths: Vec<String> = outputs
+                    .iter()
+                    .map(|p| format!("'{}'", store.print(p)))
+                    .collect();
+                format!("waiting for lock on {}", paths.join(", "))
+            }
+            WaitReason::BuildUser { group } => format!(
+                "waiting for a free build user in group '{group}' to build '{}'",
+                store.print(drv)
+            ),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -159,13 +191,14 @@ enum Phase {
     WaitingForInputs,
     WaitingForSlot,
     WaitingForLock,
+    WaitingForUser,
     Building,
     Registering,
     SubstBusy,
     Done,
 }
 
-const PHASES: usize = 10;
+const PHASES: usize = 11;
 
 fn drv_phase(s: &DrvState) -> Phase {
     match s {
@@ -175,6 +208,7 @@ fn drv_phase(s: &DrvState) -> Phase {
         DrvState::WaitingForInputs { .. } => Phase::WaitingForInputs,
         DrvState::WaitingForSlot { .. } => Phase::WaitingForSlot,
         DrvState::WaitingForLock { .. } => Phase::WaitingForLock,
+        DrvState::WaitingForUser { .. } => Phase::WaitingForUser,
         DrvState::Building { .. } => Phase::Building,
         DrvState::Registering { .. } => Phase::Registering,
         DrvState::Done(_) => Phase::Done,
@@ -208,7 +242,8 @@ pub struct Progress {
     pub waiting: u32,
 }
 
-const LOCK_BACKOFF_START: Duration = Duration::from_millis(20);
+/// The first wait before another attempt at a busy output lock or build user.
+const RETRY_BACKOFF_START: Duration = Duration::from_millis(20);
 /// How long finished outputs may wait to be registered together (one syncfs, one
 /// transaction) while other builds keep the slots busy.
 const REGISTER_WINDOW: Duration = Duration::from_millis(20);
@@ -216,7 +251,7 @@ const REGISTER_WINDOW: Duration = Duration::from_millis(20);
 const SYNC_FILES_MAX: u64 = 8;
 /// The timer key that wakes the loop when the registration window closes.
 const REGISTER_KEY: u64 = u64::MAX;
-const LOCK_BACKOFF_MAX: Duration = Duration::from_secs(1);
+const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 pub struct Worker {
     store: LocalStore,
@@ -230,6 +265,8 @@ pub struct Worker {
     awake: Vec<GoalId>,
     slot_queue: VecDeque<GoalId>,
     local_queue: VecDeque<GoalId>,
+    /// The goal in `WaitingForUser` (at most one): while it waits, no build starts.
+    user_waiter: Option<GoalId>,
     running: Vec<(GoalId, Token)>,
     by_token: HashMap<Token, GoalId>,
     /// Substitution goals waiting for a substitution slot, and those whose child runs.
@@ -271,6 +308,7 @@ impl Worker {
             awake: Vec::new(),
             slot_queue: VecDeque::new(),
             local_queue: VecDeque::new(),
+            user_waiter: None,
             running: Vec::new(),
             by_token: HashMap::new(),
             subst_queue: VecDeque::new(),
@@ -378,10 +416,16 @@ impl Worker {
         !self.awake.is_empty()
             || self.registration_due()
             || !self.timers.is_empty()
-            || (!self.should_stop()
+            || (self.may_start_builds()
                 && ((self.has_free_slot(false) && !self.slot_queue.is_empty())
-                    || (self.has_free_slot(true) && !self.local_queue.is_empty())
-                    || (self.has_free_subst_slot() && !self.subst_queue.is_empty())))
+                    || (self.has_free_slot(true) && !self.local_queue.is_empty())))
+            || (!self.should_stop() && self.has_free_subst_slot() && !self.subst_queue.is_empty())
+    }
+
+    /// Builds may start: no failure stops the run and no goal waits for a build user
+    /// (the others queue behind it; they would find every user busy too).
+    fn may_start_builds(&self) -> bool {
+        !self.should_stop() && self.user_waiter.is_none()
     }
 
     /// Nothing runs, nothing is queued to run and nothing waits on a timer, yet goals are
@@ -393,6 +437,7 @@ impl Worker {
             && self.subst_running.is_empty()
             && self.to_register.is_empty()
             && self.counts[Phase::WaitingForLock as usize] == 0
+            && self.counts[Phase::WaitingForUser as usize] == 0
     }
 
     /// Nix 2.8's exit status: 100 | timeout 1 | hash mismatch 2, or 1 for other failures.
@@ -518,18 +563,37 @@ impl Worker {
                 let (_, token) = self.running.swap_remove(pos);
                 self.by_token.remove(&token);
             }
+            // Its build user is released (the isolation is dropped before the builder's
+            // goal leaves `Building`): the goal waiting for one tries again now.
+            if let Some(w) = self.user_waiter {
+                self.wake(w);
+            }
+        }
+        if old_phase == Phase::WaitingForUser && self.user_waiter == Some(id) {
+            self.user_waiter = None;
         }
         // Entering.
         match &new {
             NewState::Drv(DrvState::WaitingForSlot { plan }) => {
-                if plan.prefer_local {
-                    self.local_queue.push_back(id)
+                let queue = if plan.prefer_local {
+                    &mut self.local_queue
                 } else {
-                    self.slot_queue.push_back(id)
+                    &mut self.slot_queue
+                };
+                // Back from waiting for a user: first in line again.
+                if old_phase == Phase::WaitingForUser {
+                    queue.push_front(id)
+                } else {
+                    queue.push_back(id)
                 }
             }
             NewState::Drv(DrvState::WaitingForLock { retry_at, .. }) => {
                 self.timers.push((*retry_at, TimerKind::LockRetry.key(id)))
+            }
+            NewState::Drv(DrvState::WaitingForUser { retry_at, .. }) => {
+                debug_assert!(self.user_waiter.is_none());
+                self.user_waiter = Some(id);
+                self.timers.push((*retry_at, TimerKind::UserRetry.key(id)))
             }
             NewState::Drv(DrvState::Building { build, .. }) => {
                 let token = build.child.token();
@@ -654,6 +718,7 @@ impl Worker {
                     DrvState::Init
                     | DrvState::WaitingForSlot { .. }
                     | DrvState::WaitingForLock { .. }
+                    | DrvState::WaitingForUser { .. }
                     | DrvState::Building { .. }
                     | DrvState::Registering { .. }
                     | DrvState::Done(_) => false,
@@ -847,10 +912,20 @@ impl Worker {
                     self.transition(id, NewState::Drv(DrvState::WaitingForSlot { plan }));
                 }
             }
+            // A goal woken early (a build of ours ended) and waiting again leaves stale
+            // keys in the heap: only its current deadline counts.
+            TimerKind::UserRetry if phase == Phase::WaitingForUser => {
+                if self.user_retry_due(id, now) {
+                    self.retry_user(id);
+                }
+            }
             TimerKind::Silence | TimerKind::Timeout if phase == Phase::Building => {
                 self.check_deadline(reactor, id, kind, now)
             }
-            TimerKind::LockRetry | TimerKind::Silence | TimerKind::Timeout => {}
+            TimerKind::LockRetry
+            | TimerKind::UserRetry
+            | TimerKind::Silence
+            | TimerKind::Timeout => {}
         }
         self.flush_timers(reactor);
     }
@@ -889,7 +964,7 @@ impl Worker {
             }
             (TimerKind::Silence, None, _)
             | (TimerKind::Timeout, _, None)
-            | (TimerKind::LockRetry, _, _) => return,
+            | (TimerKind::LockRetry | TimerKind::UserRetry, _, _) => return,
         };
         build.timed_out = Some(message);
         // SIGKILL the group and reap at once: a killed builder ends quickly.

@@ -384,6 +384,9 @@ impl Daemon {
                     let status = self.status_of_failure(failure.kind, stopping);
                     self.set_status(&d, status)?;
                 }
+                WorkerEvent::BuildWaiting { drv, reason } => {
+                    log::info!("{}", reason.describe(self.store(), &drv));
+                }
                 WorkerEvent::SubstituterStarted { path, substituter } => {
                     log::info!(
                         "substituting {} from {substituter}",

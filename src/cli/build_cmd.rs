@@ -123,6 +123,9 @@ impl Terminal {
             WorkerEvent::DerivationFailed { failure, .. } => {
                 self.line(&format!("error: {}", failure.message));
             }
+            WorkerEvent::BuildWaiting { drv, reason } => {
+                self.line(&reason.describe(st, &drv));
+            }
             WorkerEvent::GoalFinished { .. } => {}
             WorkerEvent::SubstituterStarted { path, substituter } => {
                 if self.trace {

@@ -3,6 +3,16 @@
 //! through `Worker::transition`; nothing here polls or prints.
 
 use super::*;
+use crate::build::sandbox::Begin;
+
+/// What `start_builder` got to.
+enum Started {
+    Running(Box<RunningBuild>),
+    /// Every build user is busy; the output locks were released.
+    UsersBusy {
+        group: String,
+    },
+}
 
 impl Worker {
     // ----- goal work ---------------------------------------------------------------------
@@ -29,6 +39,8 @@ impl Worker {
                     self.inputs_realised(id, plan);
                 }
             }
+            // Woken because a build of ours ended and released its build user.
+            Phase::WaitingForUser => self.retry_user(id),
             Phase::WaitingForSlot
             | Phase::WaitingForLock
             | Phase::Building
@@ -85,7 +97,9 @@ impl Worker {
             inputs: Box::new([]),
             prefer_local: drv.env_get("preferLocalBuild") == Some(b"1")
                 && drv.platform == self.cfg.system.as_bytes(),
-            lock_backoff: LOCK_BACKOFF_START,
+            lock_wait_reported: false,
+            user_wait_reported: false,
+            retry_backoff: RETRY_BACKOFF_START,
         });
         let invalid = match self.invalid_outputs(&plan) {
             Ok(v) => v,
@@ -223,11 +237,11 @@ impl Worker {
         self.transition(id, NewState::Drv(DrvState::WaitingForSlot { plan }));
     }
 
-    /// Starts queued builds while slots are free.
     /// Starts queued builds while slots are free. preferLocalBuild goals have their own
-    /// queue: they may use the one slot `--max-jobs 0` leaves (as in the seed).
+    /// queue: they may use the one slot `--max-jobs 0` leaves (as in the seed). Nothing
+    /// starts while a goal waits for a build user.
     pub(super) fn start_builds(&mut self, reactor: &mut Reactor) {
-        if self.should_stop() {
+        if !self.may_start_builds() {
             return;
         }
         loop {
@@ -242,6 +256,54 @@ impl Worker {
             if self.phases[id.index()] == Phase::WaitingForSlot {
                 self.try_to_build(reactor, id);
             }
+            // Every build user is busy: the rest of the queue waits behind that goal.
+            if !self.may_start_builds() {
+                break;
+            }
+        }
+    }
+
+    /// The next wait before retrying a busy lock or build user (doubling each time).
+    fn next_backoff(plan: &mut Plan) -> Duration {
+        let backoff = plan.retry_backoff;
+        plan.retry_backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
+        backoff
+    }
+
+    /// Every build user is busy: wait (holding no lock and no slot) until the retry
+    /// timer or until one of our builds ends. Reported once per goal.
+    pub(super) fn wait_for_user(&mut self, id: GoalId, mut plan: Box<Plan>, group: String) {
+        if !plan.user_wait_reported {
+            plan.user_wait_reported = true;
+            let drv = self.drv_path(id);
+            self.events.push(WorkerEvent::BuildWaiting {
+                drv,
+                reason: WaitReason::BuildUser { group },
+            });
+        }
+        let retry_at = Instant::now() + Self::next_backoff(&mut plan);
+        self.transition(
+            id,
+            NewState::Drv(DrvState::WaitingForUser { plan, retry_at }),
+        )
+    }
+
+    /// Whether the retry timer of a goal waiting for a user is its current one.
+    pub(super) fn user_retry_due(&self, id: GoalId, now: Instant) -> bool {
+        match &self.goals[id.index()].kind {
+            GoalKind::Derivation {
+                state: DrvState::WaitingForUser { retry_at, .. },
+                ..
+            } => *retry_at <= now,
+            GoalKind::Derivation { .. } | GoalKind::Substitution { .. } => false,
+        }
+    }
+
+    /// A goal waiting for a build user goes back to the front of the slot queue; the
+    /// next `start_builds` tries again (output locks first, then a user).
+    pub(super) fn retry_user(&mut self, id: GoalId) {
+        if let DrvState::WaitingForUser { plan, .. } = self.take_drv_state(id) {
+            self.transition(id, NewState::Drv(DrvState::WaitingForSlot { plan }));
         }
     }
 
@@ -258,8 +320,16 @@ impl Worker {
         let mut locks = match PathLocks::try_lock_all(&lock_paths) {
             Ok(Some(l)) => l,
             Ok(None) => {
-                let backoff = plan.lock_backoff;
-                plan.lock_backoff = (backoff * 2).min(LOCK_BACKOFF_MAX);
+                if !plan.lock_wait_reported {
+                    plan.lock_wait_reported = true;
+                    self.events.push(WorkerEvent::BuildWaiting {
+                        drv: drv_path,
+                        reason: WaitReason::OutputLock {
+                            outputs: plan.outputs.iter().map(|(_, p)| p.clone()).collect(),
+                        },
+                    });
+                }
+                let backoff = Self::next_backoff(&mut plan);
                 let retry_at = Instant::now() + backoff;
                 return self.transition(
                     id,
@@ -297,7 +367,8 @@ impl Worker {
             }
         }
         match self.start_builder(reactor, &drv_path, &plan, locks) {
-            Ok(build) => {
+            Ok(Started::UsersBusy { group }) => self.wait_for_user(id, plan, group),
+            Ok(Started::Running(build)) => {
                 self.events.push(WorkerEvent::BuildStarted {
                     drv: drv_path,
                     out: main_output(&plan),
@@ -362,7 +433,7 @@ impl Worker {
         drv_path: &StorePath,
         plan: &Plan,
         locks: PathLocks,
-    ) -> Result<Box<RunningBuild>, Failure> {
+    ) -> Result<Started, Failure> {
         let drv = self.load_drv(drv_path)?;
         if drv.platform != self.cfg.system.as_bytes() {
             return Err(Failure::new(
@@ -375,14 +446,23 @@ impl Worker {
                 ),
             ));
         }
+        // The build user before anything else: a goal that has to wait for one does
+        // little work at each attempt.
+        let mut iso = match self
+            .sandbox
+            .begin(&self.store, drv_path, &drv)
+            .map_err(io_msg)?
+        {
+            Begin::Ready(iso) => iso,
+            Begin::UsersBusy { group } => {
+                drop(locks);
+                return Ok(Started::UsersBusy { group });
+            }
+        };
         let input_roots = self.input_roots(&drv)?;
         for (_, p) in plan.outputs.iter() {
             self.graph.intern(p);
         }
-        let mut iso = self
-            .sandbox
-            .begin(&self.store, drv_path, &drv)
-            .map_err(io_msg)?;
         let build_dir = create_build_dir(&self.cfg.tmp_dir, drv_path).map_err(io_msg)?;
         let prepared = (|| {
             let impure = |n: &str| std::env::var_os(n).map(|v| v.as_encoded_bytes().to_vec());
@@ -423,7 +503,7 @@ impl Worker {
             }
         };
         let now = Instant::now();
-        Ok(Box::new(RunningBuild {
+        Ok(Started::Running(Box::new(RunningBuild {
             drv,
             child,
             log,
@@ -434,7 +514,7 @@ impl Worker {
             last_output: now,
             timed_out: None,
             isolation: iso.run,
-        }))
+        })))
     }
 
     /// The child is reaped and its pipe closed: judge the build.
