@@ -2,7 +2,8 @@
 //! fetches, evaluators). Start-up repair, feeding scheduled builds to the Worker by
 //! priority, turning Worker events into database rows and GC roots, the TTL sweep,
 //! signals, one-shot summaries. The per-specification state machine (fetch, evaluate)
-//! lives in `evaluation.rs`; this module knows nothing of git or evaluator protocols.
+//! lives in `evaluation.rs`, the export of successful outputs to a binary cache in
+//! `export.rs`; this module knows nothing of git, evaluator protocols or cache formats.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
@@ -12,6 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use super::db::{now, BuildId, BuildStatus, CiDb, CiDbError, EvalStatus, NewBuild};
 use super::evaluation::{SpecSlot, SpecState};
+use super::export::{ExportConfig, ExportSummary, Exporter};
 use super::spec;
 use crate::build::goal::{FailureKind, GoalId, Outcome};
 use crate::build::reactor::{Owner, Reactor, Wake, DRIVER_SIGNALS};
@@ -23,6 +25,7 @@ use crate::store::StorePath;
 /// Timer keys of the daemon itself; evaluation timers use keys from `next_key`.
 const KEY_TICK: u64 = 1;
 const KEY_SWEEP: u64 = 2;
+const KEY_EXPORT_RETRY: u64 = 3;
 const FIRST_DYNAMIC_KEY: u64 = 16;
 
 /// Prefix of the daemon's GC roots under `<state>/gcroots/`.
@@ -47,6 +50,8 @@ pub struct DaemonConfig {
     pub store_dir: String,
     pub state_dir: PathBuf,
     pub worker: WorkerConfig,
+    /// Export every successful build's outputs to this binary cache.
+    pub export: Option<ExportConfig>,
 }
 
 #[derive(Debug)]
@@ -84,6 +89,8 @@ pub struct Summary {
     pub evaluations: BTreeMap<EvalStatus, u64>,
     pub fetch_failures: u64,
     pub builds: BTreeMap<BuildStatus, u64>,
+    /// With `--export-cache`: what the exports did (they never fail the run).
+    pub exports: Option<ExportSummary>,
 }
 
 impl Summary {
@@ -132,7 +139,15 @@ impl fmt::Display for Summary {
             first = false;
             write!(f, "{} {}", self.builds.get(&s).unwrap_or(&0), s.name())?;
         }
-        write!(f, ")")
+        write!(f, ")")?;
+        if let Some(x) = &self.exports {
+            write!(
+                f,
+                "; exports: {} batches ({} failed), {} paths written, {} outputs given up",
+                x.batches, x.failed_batches, x.written, x.given_up
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -145,6 +160,8 @@ pub struct Daemon {
     /// Scheduled builds not yet given to the Worker: lowest priority value, then oldest.
     queue: BinaryHeap<Reverse<(i64, BuildId)>>,
     in_flight: HashMap<GoalId, BuildId>,
+    /// With `--export-cache`: successful outputs waiting for, or in, an export child.
+    exporter: Option<Exporter>,
     next_key: u64,
     pub(super) summary: Summary,
 }
@@ -162,6 +179,10 @@ impl Daemon {
         let reactor =
             Reactor::new(&DRIVER_SIGNALS).map_err(|e| DaemonError::Loop(e.to_string()))?;
         let now = Instant::now();
+        let exporter = cfg
+            .export
+            .clone()
+            .map(|x| Exporter::new(x, cfg.hauberk.clone(), cfg.one_shot, KEY_EXPORT_RETRY));
         Ok(Daemon {
             specs: specs.into_iter().map(|s| SpecSlot::new(s, now)).collect(),
             cfg,
@@ -170,6 +191,7 @@ impl Daemon {
             reactor,
             queue: BinaryHeap::new(),
             in_flight: HashMap::new(),
+            exporter,
             next_key: FIRST_DYNAMIC_KEY,
             summary: Summary::default(),
         })
@@ -265,6 +287,7 @@ impl Daemon {
         log::info!("build {} {}: {}", b.id, status.name(), b.job_name);
         if status == BuildStatus::Succeeded {
             self.add_roots(&b.outputs);
+            self.queue_export(&b.outputs);
         }
         Ok(())
     }
@@ -290,8 +313,18 @@ impl Daemon {
                 b.job_name
             );
             self.add_roots(&b.outputs);
+            self.queue_export(&b.outputs);
         }
         Ok(())
+    }
+
+    /// Queues a successful build's outputs for export, with `--export-cache`.
+    fn queue_export(&mut self, outputs: &[(String, String)]) {
+        if let Some(x) = &mut self.exporter {
+            for (_, path) in outputs {
+                x.push(path);
+            }
+        }
     }
 
     /// GC roots for a successful build's outputs, named after them, refreshed on each
@@ -419,6 +452,7 @@ impl Daemon {
             && self.queue.is_empty()
             && self.in_flight.is_empty()
             && self.worker.is_idle()
+            && self.exporter.as_ref().is_none_or(Exporter::is_idle)
     }
 
     /// When the next idle specification is due. Retired ones never are again.
@@ -493,6 +527,9 @@ impl Daemon {
             if let Err(e) = self.handle_worker_events(false) {
                 break Err(e);
             }
+            if let Some(x) = &mut self.exporter {
+                x.start_next(&mut self.reactor);
+            }
             if self.cfg.one_shot && self.all_done() {
                 break Ok(());
             }
@@ -521,7 +558,13 @@ impl Daemon {
                     Wake::Io {
                         token,
                         owner: Owner::Ci,
-                    } => self.on_ci_io(token),
+                    } => match &mut self.exporter {
+                        Some(x) if x.owns(token) => {
+                            x.on_io(&mut self.reactor);
+                            Ok(())
+                        }
+                        Some(_) | None => self.on_ci_io(token),
+                    },
                     Wake::Io {
                         owner: Owner::Signals,
                         ..
@@ -541,11 +584,15 @@ impl Daemon {
                         owner: Owner::Signals,
                         ..
                     } => Ok(()),
-                    Wake::Signal(libc::SIGCHLD) => self
-                        .worker
-                        .on_sigchld(&mut self.reactor)
-                        .map_err(|e| DaemonError::Loop(e.to_string()))
-                        .and_then(|()| self.on_ci_sigchld()),
+                    Wake::Signal(libc::SIGCHLD) => {
+                        if let Some(x) = &mut self.exporter {
+                            x.on_io(&mut self.reactor);
+                        }
+                        self.worker
+                            .on_sigchld(&mut self.reactor)
+                            .map_err(|e| DaemonError::Loop(e.to_string()))
+                            .and_then(|()| self.on_ci_sigchld())
+                    }
                     Wake::Signal(libc::SIGHUP) => {
                         self.reload_specs();
                         Ok(())
@@ -567,6 +614,7 @@ impl Daemon {
             }
         };
         self.shutdown();
+        self.summary.exports = self.exporter.as_ref().map(|x| x.summary().clone());
         result?;
         match interrupted {
             Some(s) => {
@@ -590,14 +638,23 @@ impl Daemon {
                     .add_timer(Instant::now() + self.sweep_every(), Owner::Ci, KEY_SWEEP);
                 Ok(())
             }
+            KEY_EXPORT_RETRY => {
+                if let Some(x) = &mut self.exporter {
+                    x.on_timer();
+                }
+                Ok(())
+            }
             key => self.on_eval_timer(key),
         }
     }
 
     /// Kills every child, puts interrupted builds back to scheduled and aborts running
-    /// evaluations, so that a restart picks everything up.
+    /// evaluations, so that a restart picks everything up. Exports not done are abandoned.
     fn shutdown(&mut self) {
         self.kill_ci_children();
+        if let Some(x) = &mut self.exporter {
+            x.abandon(&self.reactor);
+        }
         if !self.worker.is_idle() {
             self.worker.cancel_all(&mut self.reactor);
         }
