@@ -6,7 +6,7 @@
 //! `export.rs`; this module knows nothing of git, evaluator protocols or cache formats.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use std::fmt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
@@ -473,17 +473,24 @@ impl Daemon {
                 }
                 let now = Instant::now();
                 let mut old: Vec<SpecSlot> = std::mem::take(&mut self.specs);
+                // Whether queued builds may have a new priority in the database now: a
+                // specification's changed, or one came back (its builds may be queued).
+                let mut reprioritized = false;
                 for s in specs {
                     let name = s.name.clone();
                     match old.iter().position(|o| o.spec.name == name) {
                         Some(i) => {
                             let mut slot = old.swap_remove(i);
+                            reprioritized |= slot.spec.priority != s.priority;
                             slot.spec = s;
                             // Dropped while it ran, and back before it finished.
                             slot.retired = false;
                             self.specs.push(slot);
                         }
-                        None => self.specs.push(SpecSlot::new(s, now)),
+                        None => {
+                            reprioritized = true;
+                            self.specs.push(SpecSlot::new(s, now));
+                        }
                     }
                 }
                 // Specifications dropped from the file finish what they are doing.
@@ -498,9 +505,36 @@ impl Daemon {
                     self.cfg.specs_file.display(),
                     self.specs.len()
                 );
+                if reprioritized {
+                    if let Err(e) = self.requeue_by_priority() {
+                        log::error!("{e}; queued builds keep their old priorities");
+                    }
+                }
             }
             Err(e) => log::error!("reload specifications: {e}; keeping the ones loaded"),
         }
+    }
+
+    /// Gives the builds waiting in the queue the priorities the database has for them now
+    /// (a reload updated those of pending builds), by rebuilding the heap: one query over
+    /// the pending builds, O(n) for n queued.
+    fn requeue_by_priority(&mut self) -> Result<(), DaemonError> {
+        if self.queue.is_empty() {
+            return Ok(());
+        }
+        let pending = self.db.pending_builds()?;
+        let queued: HashSet<BuildId> = self.queue.drain().map(|Reverse((_, id))| id).collect();
+        // Queued builds that are no longer pending would be skipped when popped: dropped.
+        self.queue = pending
+            .into_iter()
+            .filter(|p| queued.contains(&p.id))
+            .map(|p| Reverse((p.priority, p.id)))
+            .collect();
+        log::info!(
+            "queue: {} scheduled builds re-sorted by priority",
+            self.queue.len()
+        );
+        Ok(())
     }
 
     /// Runs until a one-shot pass is done, or until SIGTERM/SIGINT.
@@ -673,4 +707,101 @@ impl Daemon {
 /// The path of a store path's `.drv` parsed, for callers holding text.
 pub(super) fn parse_store_path(store: &LocalStore, p: &str) -> Option<StorePath> {
     store.parse(p).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::TempDir;
+    use std::path::Path;
+
+    fn config(dir: &Path) -> DaemonConfig {
+        DaemonConfig {
+            specs_file: dir.join("specs.conf"),
+            database: dir.join("ci.sqlite"),
+            cache_dir: dir.join("cache"),
+            one_shot: false,
+            interval: Duration::from_secs(300),
+            ttl: Duration::from_secs(3600),
+            cancel_older_than: None,
+            fetch_timeout: Duration::from_secs(60),
+            eval_timeout: Duration::from_secs(60),
+            window: 1,
+            hauberk: vec!["/bin/false".into()],
+            store_dir: dir.join("store").to_string_lossy().into_owned(),
+            state_dir: dir.join("state"),
+            worker: WorkerConfig::default(),
+            export: None,
+        }
+    }
+
+    /// Specifications `a` and `b` with these priorities (no inputs).
+    fn write_specs(dir: &Path, a: i64, b: i64) {
+        let text = format!(
+            "[spec a]\npriority = {a}\nevaluator = /bin/true\n\n\
+             [spec b]\npriority = {b}\nevaluator = /bin/true\n"
+        );
+        std::fs::write(dir.join("specs.conf"), text).unwrap();
+    }
+
+    fn new_build(i: usize) -> NewBuild {
+        NewBuild {
+            derivation: format!("/nix/store/{i:032}-job{i}.drv"),
+            job_name: format!("job{i}"),
+            system: "x86_64-linux".into(),
+            nix_name: format!("job{i}"),
+            outputs: vec![("out".into(), format!("/nix/store/{i:032}-job{i}"))],
+        }
+    }
+
+    /// The queue in the order `feed_worker` takes it.
+    fn order(d: &Daemon) -> Vec<(i64, BuildId)> {
+        let mut q = d.queue.clone();
+        std::iter::from_fn(|| q.pop().map(|Reverse(x)| x)).collect()
+    }
+
+    #[test]
+    fn a_reload_that_changes_priorities_reorders_the_queued_builds() {
+        let dir = TempDir::new("requeue");
+        write_specs(&dir, 1, 5);
+        let mut d = Daemon::new(config(&dir)).unwrap();
+        // Two scheduled builds of each specification, queued as registration does.
+        let mut ids = Vec::new();
+        for (spec, builds) in [("a", [0, 1]), ("b", [2, 3])] {
+            let eval = d.db.start_evaluation(spec, &[]).unwrap();
+            let reg = d.db.register_builds(eval, &builds.map(new_build)).unwrap();
+            let priority = d
+                .specs
+                .iter()
+                .find(|s| s.spec.name == spec)
+                .unwrap()
+                .spec
+                .priority;
+            for (id, _) in reg.new {
+                d.enqueue(priority, id);
+                ids.push(id);
+            }
+        }
+        let [a0, a1, b0, b1] = ids[..] else {
+            panic!("{ids:?}");
+        };
+        assert_eq!(order(&d), [(1, a0), (1, a1), (5, b0), (5, b1)]);
+
+        // SIGHUP with b now first: the queue follows the database.
+        write_specs(&dir, 9, 0);
+        d.reload_specs();
+        assert_eq!(order(&d), [(0, b0), (0, b1), (9, a0), (9, a1)]);
+        let prio = |id| d.db.build_by_id(id).unwrap().unwrap().priority;
+        assert_eq!((prio(a0), prio(b0)), (9, 0));
+
+        // A queued build that ended meanwhile (canceled) leaves the queue on re-sorting.
+        assert!(d.db.cancel_build(b0).unwrap());
+        write_specs(&dir, 9, 4);
+        d.reload_specs();
+        assert_eq!(order(&d), [(4, b1), (9, a0), (9, a1)]);
+
+        // A reload that changes no priority leaves the queue alone.
+        d.reload_specs();
+        assert_eq!(order(&d), [(4, b1), (9, a0), (9, a1)]);
+    }
 }
