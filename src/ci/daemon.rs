@@ -452,7 +452,7 @@ impl Daemon {
             && self.queue.is_empty()
             && self.in_flight.is_empty()
             && self.worker.is_idle()
-            && self.exporter.as_ref().is_none_or(Exporter::is_idle)
+            && self.exporter.as_ref().map_or(true, Exporter::is_idle)
     }
 
     /// When the next idle specification is due. Retired ones never are again.

@@ -38,7 +38,10 @@ fn export_config(m: &getopts::Matches) -> Result<Option<ExportConfig>, CliError>
     let sign_key = match m.opt_str("export-sign-key") {
         None => None,
         Some(f) => {
-            let f = std::path::absolute(&f)
+            // Absolute, so that the logs and the child name the same file whatever the
+            // directory.
+            let f = std::env::current_dir()
+                .map(|d| d.join(&f))
                 .map_err(|e| CliError::new(format!("--export-sign-key {f}: {e}")))?;
             read_secret_key(&f)?;
             Some(f)
