@@ -1250,3 +1250,226 @@ fn successful_outputs_get_gc_roots_that_expire_after_the_ttl() {
     assert!(fs::symlink_metadata(&root).is_err(), "{run:?}");
     assert!(fs::symlink_metadata(&foreign).is_ok());
 }
+
+// ---------------------------------------------------------------------------------------
+// Export to a binary cache
+
+/// The narinfo of a store path in a `file://` cache directory, as text.
+fn narinfo(cache: &Path, path: &str) -> String {
+    let base = Path::new(path).file_name().unwrap().to_str().unwrap();
+    let file = cache.join(format!("{}.narinfo", &base[..32]));
+    fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()))
+}
+
+/// Forgets the store and the state (database, git caches): a fresh store in the same
+/// store directory, so that paths stay the same.
+fn reset_store(env: &Env) {
+    hauberk::store::fsutil::delete_path(&env.store()).unwrap();
+    hauberk::store::fsutil::delete_path(&env.state()).unwrap();
+}
+
+#[test]
+fn export_cache_writes_each_successful_output_and_a_fresh_store_substitutes_them() {
+    let env = Env::new("export");
+    let runs = env.dir.join("runs");
+    let record = format!("echo run >> {}", runs.display());
+    let repo = env.repo("proj");
+    repo.commit(&[(
+        "jobs.conf",
+        &[
+            job("dep", &format!("{record}; echo dep > \"$out\""), &[]),
+            // top refers to dep's output: its closure holds both.
+            job(
+                "top",
+                &format!("{record}; echo \"$dep\" > \"$out\"; cat \"$dep\" >> \"$out\""),
+                &["dep"],
+            ),
+        ]
+        .concat(),
+    )]);
+    env.write_specs(&builtin_spec("proj", &repo.url(), "branch = main"));
+    let keys = env
+        .hauberk()
+        .args(["store", "generate-key", "ci-test-1"])
+        .output()
+        .unwrap();
+    assert!(keys.status.success());
+    let keys = String::from_utf8(keys.stdout).unwrap();
+    let (secret, public) = keys.trim().split_once('\n').unwrap();
+    let key_file = env.dir.join("cache.sec");
+    fs::write(&key_file, secret).unwrap();
+    let cache = env.dir.join("cache");
+    let url = format!("file://{}", cache.display());
+
+    let run = env.one_shot(&[
+        "--export-cache",
+        &url,
+        "--export-sign-key",
+        key_file.to_str().unwrap(),
+    ]);
+    run.assert_succeeded();
+    // The one-shot run waited for the exports: both outputs written, each once (dep, in
+    // top's closure, is skipped when it is in the cache already), nothing failed.
+    let s = run.summary();
+    assert!(
+        s.starts_with(&summary([1, 0], 0, [2, 0, 0, 0, 0])),
+        "{run:?}"
+    );
+    assert!(
+        s.ends_with("(0 failed), 2 paths written, 0 outputs given up"),
+        "{run:?}"
+    );
+    assert_eq!(fs::read_to_string(&runs).unwrap(), "run\nrun\n");
+
+    let info = fs::read_to_string(cache.join("nix-cache-info")).unwrap();
+    assert!(
+        info.contains(&format!("StoreDir: {}\n", env.store().display())),
+        "{info}"
+    );
+    let dep = env.build("proj", "dep").outputs[0].1.clone();
+    let top = env.build("proj", "top").outputs[0].1.clone();
+    for (path, refs) in [(&dep, String::new()), (&top, base_name(&dep))] {
+        let ni = narinfo(&cache, path);
+        assert!(ni.contains(&format!("StorePath: {path}\n")), "{ni}");
+        assert!(ni.contains("Compression: xz\n"), "{ni}");
+        assert!(ni.contains(&format!("References: {refs}\n")), "{ni}");
+        assert!(ni.contains("Sig: ci-test-1:"), "{ni}");
+        let nar = ni.lines().find_map(|l| l.strip_prefix("URL: ")).unwrap();
+        assert!(nar.ends_with(".nar.xz"), "{ni}");
+        assert!(cache.join(nar).is_file(), "{ni}");
+    }
+    // No temporary file is left behind.
+    for d in [cache.clone(), cache.join("nar")] {
+        for e in fs::read_dir(&d).unwrap() {
+            let name = e.unwrap().file_name();
+            assert!(!name.to_string_lossy().starts_with(".tmp"), "{name:?}");
+        }
+    }
+    let top_drv = env.build("proj", "top").derivation;
+
+    // A fresh store: the daemon's builds substitute from the cache (signatures checked);
+    // no builder runs.
+    reset_store(&env);
+    let run = env.one_shot(&["--substituters", &url, "--trusted-public-keys", public]);
+    run.assert_succeeded();
+    run.assert_summary(&summary([1, 0], 0, [2, 0, 0, 0, 0]));
+    assert_eq!(fs::read_to_string(&runs).unwrap(), "run\nrun\n", "{run:?}");
+    assert!(
+        run.stderr.contains(&format!("substituted {top}")),
+        "{run:?}"
+    );
+    assert_eq!(env.output_text("proj", "dep"), "dep\n");
+    assert_eq!(env.output_text("proj", "top"), format!("{dep}\ndep\n"));
+    env.assert_store_verifies();
+
+    // Another fresh store, the derivations written by the built-in evaluator alone:
+    // `hauberk build` substitutes top and, as its reference, dep.
+    reset_store(&env);
+    let out = env
+        .hauberk()
+        .arg("eval-jobs")
+        .arg("--input")
+        .arg(format!("src={}", repo.url()))
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&top_drv),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = env
+        .hauberk()
+        .args([
+            "build",
+            "--substituters",
+            &url,
+            "--no-require-sigs",
+            &top_drv,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), top);
+    assert_eq!(fs::read_to_string(&runs).unwrap(), "run\nrun\n");
+    assert_eq!(fs::read_to_string(&dep).unwrap(), "dep\n");
+    env.assert_store_verifies();
+}
+
+fn base_name(path: &str) -> String {
+    Path::new(path)
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned()
+}
+
+#[test]
+fn a_failed_export_is_logged_and_fails_no_build() {
+    let env = Env::new("export-fails");
+    let repo = env.repo("proj");
+    repo.commit(&[("jobs.conf", &echo_job("hello", "hello"))]);
+    env.write_specs(&builtin_spec("proj", &repo.url(), "branch = main"));
+    // The cache directory cannot be made: its parent is a file.
+    let file = env.dir.join("file");
+    fs::write(&file, "").unwrap();
+    let url = format!("file://{}/cache", file.display());
+
+    let run = env.one_shot(&["--export-cache", &url, "--export-compression", "none"]);
+    run.assert_succeeded();
+    assert_eq!(
+        run.summary(),
+        format!(
+            "{}; exports: 1 batches (1 failed), 0 paths written, 1 outputs given up",
+            summary([1, 0], 0, [1, 0, 0, 0, 0])
+        ),
+        "{run:?}"
+    );
+    assert_eq!(env.status("proj", "hello"), BuildStatus::Succeeded);
+    let out = env.build("proj", "hello").outputs[0].1.clone();
+    assert!(
+        run.stderr.contains(&format!(
+            "export 1 paths to {url}: export-cache failed with exit code 1: \
+             create cache directory {}/cache: Not a directory",
+            file.display()
+        )),
+        "{run:?}"
+    );
+    assert!(
+        run.stderr
+            .contains(&format!("export to {url}: {out} given up after 1 attempts")),
+        "{run:?}"
+    );
+
+    // Mistakes in the options stop the daemon before it starts.
+    for (args, error) in [
+        (
+            vec!["--export-cache", "http://localhost/cache"],
+            "unsupported URL",
+        ),
+        (
+            vec!["--export-cache", &url, "--export-compression", "zstd"],
+            "--export-compression: 'zstd' is not none, bzip2 or xz",
+        ),
+        (
+            vec!["--export-compression", "xz"],
+            "--export-compression needs --export-cache",
+        ),
+        (
+            vec![
+                "--export-cache",
+                &url,
+                "--export-sign-key",
+                "/nonexistent/key",
+            ],
+            "read secret key /nonexistent/key",
+        ),
+    ] {
+        let run = env.one_shot(&args);
+        assert!(!run.status.success(), "{args:?}: {run:?}");
+        assert!(run.stderr.contains(error), "{args:?}: {run:?}");
+    }
+}

@@ -2,16 +2,18 @@
 //! fetches, evaluators). Start-up repair, feeding scheduled builds to the Worker by
 //! priority, turning Worker events into database rows and GC roots, the TTL sweep,
 //! signals, one-shot summaries. The per-specification state machine (fetch, evaluate)
-//! lives in `evaluation.rs`; this module knows nothing of git or evaluator protocols.
+//! lives in `evaluation.rs`, the export of successful outputs to a binary cache in
+//! `export.rs`; this module knows nothing of git, evaluator protocols or cache formats.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use std::fmt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
 use super::db::{now, BuildId, BuildStatus, CiDb, CiDbError, EvalStatus, NewBuild};
 use super::evaluation::{SpecSlot, SpecState};
+use super::export::{ExportConfig, ExportSummary, Exporter};
 use super::spec;
 use crate::build::goal::{FailureKind, GoalId, Outcome};
 use crate::build::reactor::{Owner, Reactor, Wake, DRIVER_SIGNALS};
@@ -23,6 +25,7 @@ use crate::store::StorePath;
 /// Timer keys of the daemon itself; evaluation timers use keys from `next_key`.
 const KEY_TICK: u64 = 1;
 const KEY_SWEEP: u64 = 2;
+const KEY_EXPORT_RETRY: u64 = 3;
 const FIRST_DYNAMIC_KEY: u64 = 16;
 
 /// Prefix of the daemon's GC roots under `<state>/gcroots/`.
@@ -47,6 +50,8 @@ pub struct DaemonConfig {
     pub store_dir: String,
     pub state_dir: PathBuf,
     pub worker: WorkerConfig,
+    /// Export every successful build's outputs to this binary cache.
+    pub export: Option<ExportConfig>,
 }
 
 #[derive(Debug)]
@@ -84,6 +89,8 @@ pub struct Summary {
     pub evaluations: BTreeMap<EvalStatus, u64>,
     pub fetch_failures: u64,
     pub builds: BTreeMap<BuildStatus, u64>,
+    /// With `--export-cache`: what the exports did (they never fail the run).
+    pub exports: Option<ExportSummary>,
 }
 
 impl Summary {
@@ -132,7 +139,15 @@ impl fmt::Display for Summary {
             first = false;
             write!(f, "{} {}", self.builds.get(&s).unwrap_or(&0), s.name())?;
         }
-        write!(f, ")")
+        write!(f, ")")?;
+        if let Some(x) = &self.exports {
+            write!(
+                f,
+                "; exports: {} batches ({} failed), {} paths written, {} outputs given up",
+                x.batches, x.failed_batches, x.written, x.given_up
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -145,6 +160,8 @@ pub struct Daemon {
     /// Scheduled builds not yet given to the Worker: lowest priority value, then oldest.
     queue: BinaryHeap<Reverse<(i64, BuildId)>>,
     in_flight: HashMap<GoalId, BuildId>,
+    /// With `--export-cache`: successful outputs waiting for, or in, an export child.
+    exporter: Option<Exporter>,
     next_key: u64,
     pub(super) summary: Summary,
 }
@@ -162,6 +179,10 @@ impl Daemon {
         let reactor =
             Reactor::new(&DRIVER_SIGNALS).map_err(|e| DaemonError::Loop(e.to_string()))?;
         let now = Instant::now();
+        let exporter = cfg
+            .export
+            .clone()
+            .map(|x| Exporter::new(x, cfg.hauberk.clone(), cfg.one_shot, KEY_EXPORT_RETRY));
         Ok(Daemon {
             specs: specs.into_iter().map(|s| SpecSlot::new(s, now)).collect(),
             cfg,
@@ -170,6 +191,7 @@ impl Daemon {
             reactor,
             queue: BinaryHeap::new(),
             in_flight: HashMap::new(),
+            exporter,
             next_key: FIRST_DYNAMIC_KEY,
             summary: Summary::default(),
         })
@@ -265,6 +287,7 @@ impl Daemon {
         log::info!("build {} {}: {}", b.id, status.name(), b.job_name);
         if status == BuildStatus::Succeeded {
             self.add_roots(&b.outputs);
+            self.queue_export(&b.outputs);
         }
         Ok(())
     }
@@ -290,8 +313,18 @@ impl Daemon {
                 b.job_name
             );
             self.add_roots(&b.outputs);
+            self.queue_export(&b.outputs);
         }
         Ok(())
+    }
+
+    /// Queues a successful build's outputs for export, with `--export-cache`.
+    fn queue_export(&mut self, outputs: &[(String, String)]) {
+        if let Some(x) = &mut self.exporter {
+            for (_, path) in outputs {
+                x.push(path);
+            }
+        }
     }
 
     /// GC roots for a successful build's outputs, named after them, refreshed on each
@@ -422,6 +455,7 @@ impl Daemon {
             && self.queue.is_empty()
             && self.in_flight.is_empty()
             && self.worker.is_idle()
+            && self.exporter.as_ref().map_or(true, Exporter::is_idle)
     }
 
     /// When the next idle specification is due. Retired ones never are again.
@@ -442,17 +476,24 @@ impl Daemon {
                 }
                 let now = Instant::now();
                 let mut old: Vec<SpecSlot> = std::mem::take(&mut self.specs);
+                // Whether queued builds may have a new priority in the database now: a
+                // specification's changed, or one came back (its builds may be queued).
+                let mut reprioritized = false;
                 for s in specs {
                     let name = s.name.clone();
                     match old.iter().position(|o| o.spec.name == name) {
                         Some(i) => {
                             let mut slot = old.swap_remove(i);
+                            reprioritized |= slot.spec.priority != s.priority;
                             slot.spec = s;
                             // Dropped while it ran, and back before it finished.
                             slot.retired = false;
                             self.specs.push(slot);
                         }
-                        None => self.specs.push(SpecSlot::new(s, now)),
+                        None => {
+                            reprioritized = true;
+                            self.specs.push(SpecSlot::new(s, now));
+                        }
                     }
                 }
                 // Specifications dropped from the file finish what they are doing.
@@ -467,9 +508,36 @@ impl Daemon {
                     self.cfg.specs_file.display(),
                     self.specs.len()
                 );
+                if reprioritized {
+                    if let Err(e) = self.requeue_by_priority() {
+                        log::error!("{e}; queued builds keep their old priorities");
+                    }
+                }
             }
             Err(e) => log::error!("reload specifications: {e}; keeping the ones loaded"),
         }
+    }
+
+    /// Gives the builds waiting in the queue the priorities the database has for them now
+    /// (a reload updated those of pending builds), by rebuilding the heap: one query over
+    /// the pending builds, O(n) for n queued.
+    fn requeue_by_priority(&mut self) -> Result<(), DaemonError> {
+        if self.queue.is_empty() {
+            return Ok(());
+        }
+        let pending = self.db.pending_builds()?;
+        let queued: HashSet<BuildId> = self.queue.drain().map(|Reverse((_, id))| id).collect();
+        // Queued builds that are no longer pending would be skipped when popped: dropped.
+        self.queue = pending
+            .into_iter()
+            .filter(|p| queued.contains(&p.id))
+            .map(|p| Reverse((p.priority, p.id)))
+            .collect();
+        log::info!(
+            "queue: {} scheduled builds re-sorted by priority",
+            self.queue.len()
+        );
+        Ok(())
     }
 
     /// Runs until a one-shot pass is done, or until SIGTERM/SIGINT.
@@ -495,6 +563,9 @@ impl Daemon {
             self.worker.step(&mut self.reactor);
             if let Err(e) = self.handle_worker_events(false) {
                 break Err(e);
+            }
+            if let Some(x) = &mut self.exporter {
+                x.start_next(&mut self.reactor);
             }
             if self.cfg.one_shot && self.all_done() {
                 break Ok(());
@@ -524,7 +595,13 @@ impl Daemon {
                     Wake::Io {
                         token,
                         owner: Owner::Ci,
-                    } => self.on_ci_io(token),
+                    } => match &mut self.exporter {
+                        Some(x) if x.owns(token) => {
+                            x.on_io(&mut self.reactor);
+                            Ok(())
+                        }
+                        Some(_) | None => self.on_ci_io(token),
+                    },
                     Wake::Io {
                         owner: Owner::Signals,
                         ..
@@ -544,11 +621,15 @@ impl Daemon {
                         owner: Owner::Signals,
                         ..
                     } => Ok(()),
-                    Wake::Signal(libc::SIGCHLD) => self
-                        .worker
-                        .on_sigchld(&mut self.reactor)
-                        .map_err(|e| DaemonError::Loop(e.to_string()))
-                        .and_then(|()| self.on_ci_sigchld()),
+                    Wake::Signal(libc::SIGCHLD) => {
+                        if let Some(x) = &mut self.exporter {
+                            x.on_io(&mut self.reactor);
+                        }
+                        self.worker
+                            .on_sigchld(&mut self.reactor)
+                            .map_err(|e| DaemonError::Loop(e.to_string()))
+                            .and_then(|()| self.on_ci_sigchld())
+                    }
                     Wake::Signal(libc::SIGHUP) => {
                         self.reload_specs();
                         Ok(())
@@ -570,6 +651,7 @@ impl Daemon {
             }
         };
         self.shutdown();
+        self.summary.exports = self.exporter.as_ref().map(|x| x.summary().clone());
         result?;
         match interrupted {
             Some(s) => {
@@ -593,14 +675,23 @@ impl Daemon {
                     .add_timer(Instant::now() + self.sweep_every(), Owner::Ci, KEY_SWEEP);
                 Ok(())
             }
+            KEY_EXPORT_RETRY => {
+                if let Some(x) = &mut self.exporter {
+                    x.on_timer();
+                }
+                Ok(())
+            }
             key => self.on_eval_timer(key),
         }
     }
 
     /// Kills every child, puts interrupted builds back to scheduled and aborts running
-    /// evaluations, so that a restart picks everything up.
+    /// evaluations, so that a restart picks everything up. Exports not done are abandoned.
     fn shutdown(&mut self) {
         self.kill_ci_children();
+        if let Some(x) = &mut self.exporter {
+            x.abandon(&self.reactor);
+        }
         if !self.worker.is_idle() {
             self.worker.cancel_all(&mut self.reactor);
         }
@@ -619,4 +710,101 @@ impl Daemon {
 /// The path of a store path's `.drv` parsed, for callers holding text.
 pub(super) fn parse_store_path(store: &LocalStore, p: &str) -> Option<StorePath> {
     store.parse(p).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::TempDir;
+    use std::path::Path;
+
+    fn config(dir: &Path) -> DaemonConfig {
+        DaemonConfig {
+            specs_file: dir.join("specs.conf"),
+            database: dir.join("ci.sqlite"),
+            cache_dir: dir.join("cache"),
+            one_shot: false,
+            interval: Duration::from_secs(300),
+            ttl: Duration::from_secs(3600),
+            cancel_older_than: None,
+            fetch_timeout: Duration::from_secs(60),
+            eval_timeout: Duration::from_secs(60),
+            window: 1,
+            hauberk: vec!["/bin/false".into()],
+            store_dir: dir.join("store").to_string_lossy().into_owned(),
+            state_dir: dir.join("state"),
+            worker: WorkerConfig::default(),
+            export: None,
+        }
+    }
+
+    /// Specifications `a` and `b` with these priorities (no inputs).
+    fn write_specs(dir: &Path, a: i64, b: i64) {
+        let text = format!(
+            "[spec a]\npriority = {a}\nevaluator = /bin/true\n\n\
+             [spec b]\npriority = {b}\nevaluator = /bin/true\n"
+        );
+        std::fs::write(dir.join("specs.conf"), text).unwrap();
+    }
+
+    fn new_build(i: usize) -> NewBuild {
+        NewBuild {
+            derivation: format!("/nix/store/{i:032}-job{i}.drv"),
+            job_name: format!("job{i}"),
+            system: "x86_64-linux".into(),
+            nix_name: format!("job{i}"),
+            outputs: vec![("out".into(), format!("/nix/store/{i:032}-job{i}"))],
+        }
+    }
+
+    /// The queue in the order `feed_worker` takes it.
+    fn order(d: &Daemon) -> Vec<(i64, BuildId)> {
+        let mut q = d.queue.clone();
+        std::iter::from_fn(|| q.pop().map(|Reverse(x)| x)).collect()
+    }
+
+    #[test]
+    fn a_reload_that_changes_priorities_reorders_the_queued_builds() {
+        let dir = TempDir::new("requeue");
+        write_specs(&dir, 1, 5);
+        let mut d = Daemon::new(config(&dir)).unwrap();
+        // Two scheduled builds of each specification, queued as registration does.
+        let mut ids = Vec::new();
+        for (spec, builds) in [("a", [0, 1]), ("b", [2, 3])] {
+            let eval = d.db.start_evaluation(spec, &[]).unwrap();
+            let reg = d.db.register_builds(eval, &builds.map(new_build)).unwrap();
+            let priority = d
+                .specs
+                .iter()
+                .find(|s| s.spec.name == spec)
+                .unwrap()
+                .spec
+                .priority;
+            for (id, _) in reg.new {
+                d.enqueue(priority, id);
+                ids.push(id);
+            }
+        }
+        let [a0, a1, b0, b1] = ids[..] else {
+            panic!("{ids:?}");
+        };
+        assert_eq!(order(&d), [(1, a0), (1, a1), (5, b0), (5, b1)]);
+
+        // SIGHUP with b now first: the queue follows the database.
+        write_specs(&dir, 9, 0);
+        d.reload_specs();
+        assert_eq!(order(&d), [(0, b0), (0, b1), (9, a0), (9, a1)]);
+        let prio = |id| d.db.build_by_id(id).unwrap().unwrap().priority;
+        assert_eq!((prio(a0), prio(b0)), (9, 0));
+
+        // A queued build that ended meanwhile (canceled) leaves the queue on re-sorting.
+        assert!(d.db.cancel_build(b0).unwrap());
+        write_specs(&dir, 9, 4);
+        d.reload_specs();
+        assert_eq!(order(&d), [(4, b1), (9, a0), (9, a1)]);
+
+        // A reload that changes no priority leaves the queue alone.
+        d.reload_specs();
+        assert_eq!(order(&d), [(4, b1), (9, a0), (9, a1)]);
+    }
 }

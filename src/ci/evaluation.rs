@@ -695,7 +695,7 @@ impl Daemon {
 }
 
 /// The daemon's own environment, for its children (PATH, HOME, locale...).
-fn inherited_env() -> Vec<(Vec<u8>, Vec<u8>)> {
+pub(super) fn inherited_env() -> Vec<(Vec<u8>, Vec<u8>)> {
     std::env::vars_os()
         .map(|(k, v)| (k.into_encoded_bytes(), v.into_encoded_bytes()))
         .collect()

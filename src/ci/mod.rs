@@ -7,6 +7,7 @@ pub mod db;
 pub mod eval_jobs;
 pub mod evaluation;
 pub mod evaluator;
+pub mod export;
 pub mod input;
 pub mod query;
 pub mod spec;

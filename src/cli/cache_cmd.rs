@@ -41,12 +41,7 @@ pub fn export_cache(g: &Global, args: &[String]) -> CliResult {
         return Err(CliError::usage("export-cache needs at least one PATH"));
     }
     let dir = file_url_dir(&to)?;
-    let compression = match m.opt_str("compression") {
-        None => Compression::Xz,
-        Some(c) => Compression::parse(&c).ok_or_else(|| {
-            CliError::usage(format!("--compression: '{c}' is not none, bzip2 or xz"))
-        })?,
-    };
+    let compression = parse_compression(&m, "compression")?;
     let key = match m.opt_str("sign-key") {
         None => None,
         Some(f) => Some(read_secret_key(Path::new(&f))?),
@@ -77,7 +72,16 @@ pub fn export_cache(g: &Global, args: &[String]) -> CliResult {
     Ok(0)
 }
 
-fn read_secret_key(f: &Path) -> Result<SecretKey, CliError> {
+/// The NAR compression option `opt` (`none`, `bzip2` or `xz`; default `xz`).
+pub(super) fn parse_compression(m: &getopts::Matches, opt: &str) -> Result<Compression, CliError> {
+    match m.opt_str(opt) {
+        None => Ok(Compression::Xz),
+        Some(c) => Compression::parse(&c)
+            .ok_or_else(|| CliError::usage(format!("--{opt}: '{c}' is not none, bzip2 or xz"))),
+    }
+}
+
+pub(super) fn read_secret_key(f: &Path) -> Result<SecretKey, CliError> {
     let text = std::fs::read_to_string(f)
         .map_err(|e| CliError::new(format!("read secret key {}: {e}", f.display())))?;
     SecretKey::parse(&text).map_err(|e| CliError::new(format!("{}: {e}", f.display())))

@@ -5,9 +5,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::build_cmd::{worker_config, worker_options};
+use super::cache_cmd::{parse_compression, read_secret_key};
 use super::{parse_num, parse_opts, CliError, CliResult, Global};
+use crate::cache::export::file_url_dir;
 use crate::ci::daemon::{Daemon, DaemonConfig};
 use crate::ci::db::default_database;
+use crate::ci::export::ExportConfig;
 
 const USAGE: &str = "Usage: hauberk ci --specifications FILE [OPTIONS]
 
@@ -17,6 +20,39 @@ See hauberk(1) and, for the specifications file, hauberk(5).";
 
 fn secs(m: &getopts::Matches, opt: &str, default: u64) -> Result<Duration, CliError> {
     Ok(Duration::from_secs(parse_num(m, opt)?.unwrap_or(default)))
+}
+
+/// `--export-cache` and its options, checked now (URL, compression, a readable key) so
+/// that a mistake stops the daemon at start rather than failing every export.
+fn export_config(m: &getopts::Matches) -> Result<Option<ExportConfig>, CliError> {
+    let Some(url) = m.opt_str("export-cache") else {
+        for opt in ["export-compression", "export-sign-key"] {
+            if m.opt_present(opt) {
+                return Err(CliError::usage(format!("--{opt} needs --export-cache")));
+            }
+        }
+        return Ok(None);
+    };
+    let dir = file_url_dir(&url)?;
+    let compression = parse_compression(m, "export-compression")?;
+    let sign_key = match m.opt_str("export-sign-key") {
+        None => None,
+        Some(f) => {
+            // Absolute, so that the logs and the child name the same file whatever the
+            // directory.
+            let f = std::env::current_dir()
+                .map(|d| d.join(&f))
+                .map_err(|e| CliError::new(format!("--export-sign-key {f}: {e}")))?;
+            read_secret_key(&f)?;
+            Some(f)
+        }
+    };
+    Ok(Some(ExportConfig {
+        url,
+        dir,
+        compression,
+        sign_key,
+    }))
 }
 
 pub fn run(g: &Global, args: &[String]) -> CliResult {
@@ -75,6 +111,24 @@ pub fn run(g: &Global, args: &[String]) -> CliResult {
         "builds handed to the build loop at once (default 8 per job slot)",
         "N",
     );
+    o.optopt(
+        "",
+        "export-cache",
+        "export every successful build's outputs (and their closures) to this binary cache",
+        "file:///DIR",
+    );
+    o.optopt(
+        "",
+        "export-compression",
+        "NAR compression of the exports: none, bzip2 or xz (default xz)",
+        "METHOD",
+    );
+    o.optopt(
+        "",
+        "export-sign-key",
+        "sign the exported narinfos with this secret key file",
+        "FILE",
+    );
     worker_options(&mut o);
     let Some(m) = parse_opts(&mut o, args, USAGE)? else {
         return Ok(0);
@@ -90,6 +144,7 @@ pub fn run(g: &Global, args: &[String]) -> CliResult {
             "missing --specifications FILE\n{USAGE}"
         )));
     };
+    let export = export_config(&m)?;
     let worker = worker_config(&m)?;
     let window = parse_num(&m, "window")?.unwrap_or((8 * worker.max_jobs as usize).max(16));
     let exe = std::env::current_exe()
@@ -125,6 +180,7 @@ pub fn run(g: &Global, args: &[String]) -> CliResult {
         store_dir: g.store_dir.clone(),
         state_dir: g.state_dir.clone(),
         worker,
+        export,
     };
     let one_shot = cfg.one_shot;
     let mut daemon = Daemon::new(cfg)?;
