@@ -116,6 +116,16 @@ fn the_example_project_evaluates_to_two_derivations() {
     let again = hauberk(&t, &["eval-jobs", "--checkout", ex.to_str().unwrap()]);
     assert_eq!(again.stdout, out.stdout);
 
+    // Each written derivation passes `drv add`'s output-path check (its outputs were
+    // hashed with `out = ""`, as Nix's derivationStrict does) and adds as itself.
+    for j in &jobs {
+        let copy = t.join(format!("{}.drv-copy", j.name));
+        fs::copy(&j.drv_path, &copy).unwrap();
+        let o = hauberk(&t, &["drv", "add", copy.to_str().unwrap()]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), j.drv_path);
+    }
+
     // The builders really work on this host when run as a sandbox-less build would.
     let has_cc = Path::new("/usr/bin/cc").exists() && Path::new("/usr/bin/make").exists();
     if !has_cc {

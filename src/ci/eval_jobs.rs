@@ -563,6 +563,9 @@ impl Evaluation<'_> {
         }
         for o in &spec.outputs {
             drv.outputs.insert(o.clone(), DerivationOutput::Deferred);
+            // As Nix's derivationStrict: hashed empty, then filled in, so the written
+            // derivation passes the output-path check of `drv add` and Nix.
+            drv.set_env(o, b"");
         }
         for (k, v) in &spec.env {
             drv.set_env(k, v.as_bytes());
