@@ -309,6 +309,10 @@ pub enum Op {
         slot: usize,
         dst: CString,
     },
+    /// Creates an empty file (a mount point for a file).
+    MakeFile {
+        path: CString,
+    },
     /// Makes the mount at `target` read-only, or writable again (nosuid, nodev kept).
     Remount {
         target: CString,
@@ -350,6 +354,7 @@ impl Op {
             Op::MoveMount { dst, .. } => ("attach a mount on", dst.as_bytes()),
             Op::MoveTree { from, .. } => ("move the mount", from.as_bytes()),
             Op::Remount { target, .. } => ("remount", target.as_bytes()),
+            Op::MakeFile { path } => ("create", path.as_bytes()),
         }
     }
 }
@@ -626,6 +631,7 @@ unsafe fn run_op(op: &Op, fds: &[Cell<libc::c_int>]) -> Result<(), i32> {
             }
             Ok(())
         }
+        Op::MakeFile { path } => ok(libc::mknod(path.as_ptr(), libc::S_IFREG, 0)),
         Op::Remount { target, ro } => ok(libc::mount(
             null,
             target.as_ptr(),
@@ -1352,6 +1358,10 @@ impl Sandbox {
                 ro: false,
                 optional: false,
                 copy_symlink: false,
+            });
+            ops.push(Op::Mkdir {
+                path: r(slot::TRASH),
+                mode: 0,
             });
             if Path::new(&store_dir).starts_with("/tmp") {
                 // Where the store waits while each build gets a fresh /tmp.

@@ -38,6 +38,9 @@ use super::{c, cp, describe_failure, io_err, run_ops, Op, SandboxError, SandboxS
 /// keeper only for such stores).
 pub(super) const STORE_PARK: &str = "/.hauberk-store";
 
+/// Where the last build's mounts go to be detached together (a tmpfs mounted per build).
+pub(super) const TRASH: &str = "/.hauberk-trash";
+
 /// What a store path's mount point in the slot directory is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum EntryKind {
@@ -299,23 +302,41 @@ impl SlotNs {
             }
         }
         let mut ops = Vec::with_capacity(16 + 3 * (stale.len() + new.len()));
-        // 1. In the slot: detach the last build's mounts and the stale paths.
+        // 1. In the slot: the last build's mounts and the stale paths are moved under one
+        // tmpfs, detached in one go below (each unmount waits for an RCU grace period).
         let stale_mounts = stale.iter().any(|(_, k)| *k != EntryKind::Symlink);
-        if self.per_build_mounted || stale_mounts {
+        let trash = self.per_build_mounted || stale_mounts;
+        let mut trashed = 0;
+        let mut to_trash = |ops: &mut Vec<Op>, from: CString, file: bool| {
+            let to = c(&format!("{TRASH}/{trashed}"));
+            trashed += 1;
+            ops.push(if file {
+                Op::MakeFile { path: to.clone() }
+            } else {
+                Op::Mkdir {
+                    path: to.clone(),
+                    mode: 0,
+                }
+            });
+            ops.push(Op::MoveTree { from, to });
+        };
+        if trash {
             ops.push(Op::SetNs {
                 fd: self.mnt.as_raw_fd(),
                 nstype: libc::CLONE_NEWNS,
             });
+            ops.push(Op::Tmpfs {
+                target: inside(TRASH),
+                opts: c("mode=0"),
+            });
             if self.per_build_mounted {
                 for p in ["/proc", "/dev/shm", "/build"] {
-                    ops.push(Op::Umount { target: inside(p) });
+                    to_trash(&mut ops, inside(p), false);
                 }
             }
             for (n, k) in &stale {
                 if *k != EntryKind::Symlink {
-                    ops.push(Op::Umount {
-                        target: in_store(n),
-                    });
+                    to_trash(&mut ops, in_store(n), *k == EntryKind::File);
                 }
             }
             ops.push(Op::SetNs {
@@ -408,8 +429,11 @@ impl SlotNs {
             });
         }
         if self.per_build_mounted {
+            to_trash(&mut ops, inside("/tmp"), false);
+        }
+        if trash {
             ops.push(Op::Umount {
-                target: inside("/tmp"),
+                target: inside(TRASH),
             });
         }
         for p in ["/tmp", "/dev/shm"] {
