@@ -197,6 +197,21 @@ fn reused_sandboxes_show_each_build_only_its_own_closure() {
 }
 
 #[test]
+fn a_slot_reused_after_its_last_build_directory_was_deleted() {
+    // Slot 0 builds `a` and then idles while `b` sleeps in slot 1: `a`'s build directory
+    // is deleted meanwhile, under the slot's /build. `c` (after `b`) then takes slot 0.
+    let Some(e) = Env::sandboxed("idle-slot") else {
+        return;
+    };
+    let a = e.mk("a", "echo a > $out", &[], &[]);
+    let b = e.mk("b", "sleep 1; echo b > $out", &[], &[]);
+    let c = e.mk("c", "cat $deps > $out; pwd >> $out", &[&b], &[]);
+    let o = e.build(&["--max-jobs", "2"], &[&a.0, &c.0]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(std::fs::read_to_string(&c.1).unwrap(), "b\n/build\n");
+}
+
+#[test]
 fn reused_sandboxes_with_the_store_outside_tmp() {
     // A store below /tmp is parked while each build gets a fresh /tmp; elsewhere not.
     let base = Path::new("/var/tmp");

@@ -318,7 +318,9 @@ pub enum Op {
         target: CString,
         ro: bool,
     },
-    /// Moves the mount at `from` (and what is mounted below it) to `to`.
+    /// Moves the mount at `from` (and what is mounted below it) to `to`. A mount whose
+    /// root was deleted meanwhile (a finished build's directory) cannot be moved: it is
+    /// detached where it is.
     MoveTree {
         from: CString,
         to: CString,
@@ -643,13 +645,19 @@ unsafe fn run_op(op: &Op, fds: &[Cell<libc::c_int>]) -> Result<(), i32> {
                 | if *ro { libc::MS_RDONLY } else { 0 },
             std::ptr::null(),
         )),
-        Op::MoveTree { from, to } => ok(libc::mount(
-            from.as_ptr(),
-            to.as_ptr(),
-            null,
-            libc::MS_MOVE,
-            std::ptr::null(),
-        )),
+        Op::MoveTree { from, to } => {
+            let r = libc::mount(
+                from.as_ptr(),
+                to.as_ptr(),
+                null,
+                libc::MS_MOVE,
+                std::ptr::null(),
+            );
+            if r < 0 && errno() == libc::ENOENT {
+                return ok(libc::umount2(from.as_ptr(), libc::MNT_DETACH));
+            }
+            ok(r)
+        }
         Op::MoveMount { slot, dst } => {
             let fd = fds.get(*slot).map_or(-1, Cell::get);
             ok(libc::syscall(
