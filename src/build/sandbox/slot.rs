@@ -306,19 +306,16 @@ impl SlotNs {
         // tmpfs, detached in one go below (each unmount waits for an RCU grace period).
         let stale_mounts = stale.iter().any(|(_, k)| *k != EntryKind::Symlink);
         let trash = self.per_build_mounted || stale_mounts;
-        let mut trashed = 0;
-        let mut to_trash = |ops: &mut Vec<Op>, from: CString, file: bool| {
-            let to = c(&format!("{TRASH}/{trashed}"));
-            trashed += 1;
-            ops.push(if file {
-                Op::MakeFile { path: to.clone() }
-            } else {
-                Op::Mkdir {
-                    path: to.clone(),
-                    mode: 0,
-                }
+        // Two mount points in the trash, one for files and one for directories: each
+        // mount moved there lands on top of the one before (a stack), and detaching the
+        // trash detaches the whole stack.
+        let (trash_file, trash_dir) = (c(&format!("{TRASH}/f")), c(&format!("{TRASH}/d")));
+        let to_trash = |ops: &mut Vec<Op>, from: CString, file: bool| {
+            let to = if file { &trash_file } else { &trash_dir };
+            ops.push(Op::MoveTree {
+                from,
+                to: to.clone(),
             });
-            ops.push(Op::MoveTree { from, to });
         };
         if trash {
             ops.push(Op::SetNs {
@@ -328,6 +325,13 @@ impl SlotNs {
             ops.push(Op::Tmpfs {
                 target: inside(TRASH),
                 opts: c("mode=0"),
+            });
+            ops.push(Op::MakeFile {
+                path: trash_file.clone(),
+            });
+            ops.push(Op::Mkdir {
+                path: trash_dir.clone(),
+                mode: 0,
             });
             if self.per_build_mounted {
                 for p in ["/proc", "/dev/shm", "/build"] {
