@@ -55,6 +55,17 @@ impl Env {
             .unwrap()
     }
 
+    /// `hauberk build FLAG --sandbox-paths HOST_PATHS --build-users-group GROUP
+    /// --max-jobs 2 drvs...` (FLAG: --sandbox or --no-sandbox).
+    fn build_as_users(&self, flag: &str, group: &str, drvs: &[&str]) -> Output {
+        self.cmd()
+            .args(["build", flag, "--sandbox-paths", HOST_PATHS])
+            .args(["--build-users-group", group, "--max-jobs", "2"])
+            .args(drvs)
+            .output()
+            .unwrap()
+    }
+
     /// A /bin/sh derivation running `script` (PATH set to the host's), with `deps` as
     /// inputs (their outputs in $deps) and extra environment entries.
     fn mk(
@@ -451,19 +462,7 @@ fn build_users_run_builds_as_different_uids() {
         };
         let a = e.mk("ua", "id -u > $out; sleep 1", &[], &[]);
         let b = e.mk("ub", "id -u > $out; sleep 1", &[], &[]);
-        let o = e
-            .cmd()
-            .args(["build", flag, "--sandbox-paths", HOST_PATHS])
-            .args([
-                "--build-users-group",
-                "hauberkbld",
-                "--max-jobs",
-                "2",
-                &a.0,
-                &b.0,
-            ])
-            .output()
-            .unwrap();
+        let o = e.build_as_users(flag, "hauberkbld", &[&a.0, &b.0]);
         assert!(o.status.success(), "{flag}: {}", stderr(&o));
         let ua = std::fs::read_to_string(&a.1).unwrap();
         let ub = std::fs::read_to_string(&b.1).unwrap();
@@ -824,19 +823,7 @@ fn builds_wait_for_a_free_build_user() {
         };
         let a = e.mk("sa", TIMED_BUILDER, &[], &[]);
         let b = e.mk("sb", TIMED_BUILDER, &[], &[]);
-        let o = e
-            .cmd()
-            .args(["build", flag, "--sandbox-paths", HOST_PATHS])
-            .args([
-                "--build-users-group",
-                "hauberksolo",
-                "--max-jobs",
-                "2",
-                &a.0,
-                &b.0,
-            ])
-            .output()
-            .unwrap();
+        let o = e.build_as_users(flag, "hauberksolo", &[&a.0, &b.0]);
         let err = stderr(&o);
         assert!(o.status.success(), "{flag}: {err}");
         let (ua, sa, ea) = timed(&a.1);

@@ -1159,11 +1159,7 @@ impl Sandbox {
         let r = |p: &str| under(&root, p);
         let mut ops = Vec::with_capacity(64);
         user_map_ops(&mut ops);
-        ops.push(Op::MakePrivate);
-        ops.push(Op::Tmpfs {
-            target: cp(&root),
-            opts: c("mode=0755"),
-        });
+        root_ops(&mut ops, &root);
         // /build
         ops.push(Op::Bind {
             src: cp(build_dir),
@@ -1349,11 +1345,7 @@ impl Sandbox {
             let r = |p: &str| under(&root, p);
             let dir = store.staging_path();
             let mut ops = Vec::with_capacity(48);
-            ops.push(Op::MakePrivate);
-            ops.push(Op::Tmpfs {
-                target: cp(&root),
-                opts: c("mode=0755"),
-            });
+            root_ops(&mut ops, &root);
             ops.push(Op::Mkdir {
                 path: r(SANDBOX_BUILD_DIR),
                 mode: 0o755,
@@ -1432,6 +1424,15 @@ impl Sandbox {
         iso.run.slot = Some(k);
         Ok(ChildSetup::Sandbox(Box::new(setup)))
     }
+}
+
+/// Private mounts, then a fresh tmpfs on `root` (the sandbox's root to be).
+fn root_ops(ops: &mut Vec<Op>, root: &Path) {
+    ops.push(Op::MakePrivate);
+    ops.push(Op::Tmpfs {
+        target: cp(root),
+        opts: c("mode=0755"),
+    });
 }
 
 /// `p` below the sandbox root `root`, as a C string.
