@@ -138,7 +138,8 @@ fn describe_exit(s: Option<ExitStatus>) -> String {
     }
 }
 
-fn last_line(bytes: &[u8]) -> String {
+/// The last non-blank line of a child's output, trimmed.
+pub(super) fn last_line(bytes: &[u8]) -> String {
     let text = String::from_utf8_lossy(bytes);
     text.lines()
         .rev()

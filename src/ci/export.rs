@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use mio::Token;
 
+use super::evaluation::last_line;
 use crate::build::child::{Child, SpawnSpec, StderrTo};
 use crate::build::reactor::{Owner, Reactor};
 use crate::cache::Compression;
@@ -242,7 +243,11 @@ impl Exporter {
                     Some(s) => s.describe(),
                     None => "did not exit".to_string(),
                 };
-                let why = child.exec_error().unwrap_or_else(|| last_line(&stderr));
+                let why = child.exec_error().unwrap_or_else(|| {
+                    last_line(&stderr)
+                        .trim_start_matches("hauberk: ")
+                        .to_string()
+                });
                 Some(format!(
                     "export-cache {how}{}{why}",
                     if why.is_empty() { "" } else { ": " }
@@ -368,17 +373,6 @@ fn read_batch(b: &mut Batch, reactor: &Reactor) -> Result<(), String> {
     // holding the pipes is killed then).
     b.child.try_reap().map_err(|e| e.to_string())?;
     Ok(())
-}
-
-fn last_line(bytes: &[u8]) -> String {
-    let text = String::from_utf8_lossy(bytes);
-    text.lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("")
-        .trim()
-        .trim_start_matches("hauberk: ")
-        .to_string()
 }
 
 /// Removes what a killed export child `pid` left: `.tmp-PID-*` in the cache directory
