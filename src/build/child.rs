@@ -16,7 +16,8 @@ use mio::unix::SourceFd;
 use mio::{Interest, Token};
 
 use super::reactor::{Owner, Reactor};
-use super::sandbox::{describe_failure, run_ops, SandboxSetup};
+use super::sandbox::{describe_failure, run_ops, set_user, SandboxSetup, SpawnMode};
+use super::sys;
 
 /// What the child does between fork and exec beyond the common steps. The sandbox issue
 /// adds a variant here (namespaces through clone flags, then an intermediate setup step:
@@ -28,9 +29,9 @@ pub enum ChildSetup {
     Plain,
     /// As `Plain`, then switch to a build user before exec.
     AsUser { uid: u32, gid: u32 },
-    /// New namespaces (clone flags), then the sandbox's steps before exec. The child is a
-    /// plain clone (no vfork): the parent does not wait for the setup; a failed step is
-    /// reported through the exec-error pipe.
+    /// New namespaces (clone flags), then the sandbox's steps before exec (see
+    /// `SpawnMode` for how the child is cloned); a failed step is reported through the
+    /// exec-error pipe.
     Sandbox(Box<SandboxSetup>),
 }
 
@@ -194,6 +195,33 @@ pub struct Child {
     exec_err: OwnedFd,
     token: Token,
     status: Option<ExitStatus>,
+    /// What an overlapping sandbox child reads while it sets up; dropped after the child
+    /// (fields drop after `Drop::drop`, which reaps).
+    _launch: Option<Keep>,
+}
+
+/// Everything the child reads between clone and exec, in one allocation.
+struct Launch {
+    args: ChildArgs,
+    _strings: (
+        CString,
+        Vec<CString>,
+        Vec<CString>,
+        Option<CString>,
+        CString,
+    ),
+    _pointers: (Vec<*const libc::c_char>, Vec<*const libc::c_char>),
+    setup: Option<Box<ChildSetup>>,
+    stack: Vec<u8>,
+}
+
+/// A kept [`Launch`].
+struct Keep(#[allow(dead_code)] Box<Launch>);
+
+impl fmt::Debug for Keep {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Keep")
+    }
 }
 
 fn cstring(b: &[u8], program: &Path) -> Result<CString, ChildError> {
@@ -238,28 +266,73 @@ struct ChildArgs {
     setup: *const ChildSetup,
 }
 
-/// The child between clone and exec: only async-signal-safe system calls.
+/// The kernel's `struct sigaction` (x86_64 and aarch64): to set SIG_DFL raw.
+#[repr(C)]
+struct KernelSigaction {
+    handler: usize,
+    flags: u64,
+    restorer: usize,
+    mask: u64,
+}
+
+/// `dup2` as `dup3` (aarch64 has no dup2), keeping the target open across exec also when
+/// it is already the descriptor (then only its close-on-exec flag is cleared).
+unsafe fn dup_to(fd: RawFd, target: RawFd) -> Result<(), i32> {
+    if fd == target {
+        return sys::sys3(libc::SYS_fcntl, fd as usize, libc::F_SETFD as usize, 0).map(drop);
+    }
+    sys::sys3(libc::SYS_dup3, fd as usize, target as usize, 0).map(drop)
+}
+
+/// The child between clone and exec: raw system calls only (no allocation, no `errno`),
+/// so that it may share the daemon's memory.
 extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
-    // SAFETY: `arg` points to the parent's ChildArgs, alive while the parent waits.
+    // SAFETY: `arg` points to the parent's ChildArgs, alive until the child execs or is
+    // reaped.
     let a = unsafe { &*(arg as *const ChildArgs) };
     let (w, w2, e) = (a.out_w, a.stderr_w, a.err_w);
     // SAFETY: system calls on descriptors and strings prepared by the parent.
     unsafe {
         // No parent handler may run here: default every signal, then unblock.
-        for sig in 1..libc::SIGRTMAX() {
-            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                libc::signal(sig, libc::SIG_DFL);
+        let dfl = KernelSigaction {
+            handler: 0, // SIG_DFL
+            flags: 0,
+            restorer: 0,
+            mask: 0,
+        };
+        for sig in 1..=64usize {
+            if sig != libc::SIGKILL as usize && sig != libc::SIGSTOP as usize {
+                let _ = sys::call(
+                    libc::SYS_rt_sigaction,
+                    [sig, &dfl as *const KernelSigaction as usize, 0, 8, 0, 0],
+                );
             }
         }
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+        let empty: u64 = 0;
+        let _ = sys::call(
+            libc::SYS_rt_sigprocmask,
+            [
+                libc::SIG_SETMASK as usize,
+                &empty as *const u64 as usize,
+                0,
+                8,
+                0,
+                0,
+            ],
+        );
+        let deathsig = || {
+            let _ = sys::sys2(
+                libc::SYS_prctl,
+                libc::PR_SET_PDEATHSIG as usize,
+                libc::SIGKILL as usize,
+            );
+        };
         if a.die_with_parent {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            deathsig();
             // In a new PID namespace the parent is outside: getppid() is 0.
-            let pp = libc::getppid();
+            let pp = sys::sys0(libc::SYS_getppid).unwrap_or(0) as libc::pid_t;
             if pp != a.parent && pp != 0 {
-                libc::_exit(127);
+                sys::exit(127);
             }
         }
         if let ChildSetup::Sandbox(sb) = &*a.setup {
@@ -268,62 +341,71 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
                 msg[..4].copy_from_slice(&STEP_SANDBOX.to_ne_bytes());
                 msg[4..8].copy_from_slice(&errno.to_ne_bytes());
                 let n = describe_failure(&sb.ops, i, &mut msg[8..]);
-                libc::write(e, msg.as_ptr().cast(), 8 + n);
-                libc::_exit(127);
+                let _ = sys::write(e, &msg[..8 + n]);
+                sys::exit(127);
             }
         }
-        if libc::setsid() < 0 {
-            child_fail(e, 0);
+        if let Err(errno) = sys::sys0(libc::SYS_setsid) {
+            child_fail(e, 0, errno);
         }
-        if libc::dup2(w, 1) < 0 || libc::dup2(w2, 2) < 0 {
-            child_fail(e, 1);
+        if let Err(errno) = dup_to(w, 1).and_then(|()| dup_to(w2, 2)) {
+            child_fail(e, 1, errno);
         }
-        let null = libc::open(a.devnull, libc::O_RDWR);
-        if null < 0 || libc::dup2(null, 0) < 0 {
-            child_fail(e, 2);
+        let devnull = std::ffi::CStr::from_ptr(a.devnull);
+        let null = match sys::open(devnull, libc::O_RDWR, 0) {
+            Ok(fd) => fd,
+            Err(errno) => child_fail(e, 2, errno),
+        };
+        if let Err(errno) = dup_to(null, 0) {
+            child_fail(e, 2, errno);
         }
         if null > 2 {
-            libc::close(null);
+            sys::close(null);
         }
-        if !a.cwd.is_null() && libc::chdir(a.cwd) < 0 {
-            child_fail(e, 3);
+        if !a.cwd.is_null() {
+            if let Err(errno) = sys::sys1(libc::SYS_chdir, a.cwd as usize) {
+                child_fail(e, 3, errno);
+            }
         }
-        libc::umask(0o022);
+        let _ = sys::sys1(libc::SYS_umask, 0o022);
         if let ChildSetup::AsUser { uid, gid } = &*a.setup {
-            let groups = [*gid as libc::gid_t];
-            if libc::setgroups(1, groups.as_ptr()) < 0
-                || libc::setgid(*gid) < 0
-                || libc::setuid(*uid) < 0
-            {
-                child_fail(e, STEP_USER);
+            if let Err(errno) = set_user(*uid, *gid) {
+                child_fail(e, STEP_USER, errno);
             }
         }
         // A change of uid (build users) clears the parent-death signal: set it again.
         if a.die_with_parent {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            deathsig();
         }
         // Whatever else is open (other builders' pipes, databases) must not leak.
-        libc::syscall(
+        let _ = sys::sys3(
             libc::SYS_close_range,
-            3u32,
-            u32::MAX,
-            libc::CLOSE_RANGE_CLOEXEC,
+            3,
+            u32::MAX as usize,
+            libc::CLOSE_RANGE_CLOEXEC as usize,
         );
-        libc::execve(a.prog, a.argv, a.envp);
-        child_fail(e, 4)
+        let errno = match sys::sys3(
+            libc::SYS_execve,
+            a.prog as usize,
+            a.argv as usize,
+            a.envp as usize,
+        ) {
+            Ok(_) => 0,
+            Err(errno) => errno,
+        };
+        child_fail(e, 4, errno)
     }
 }
 
-/// Reports a failed step to the parent and exits. Async-signal-safe.
-fn child_fail(err_fd: RawFd, step: u32) -> ! {
-    // SAFETY: only async-signal-safe calls on plain memory.
+/// Reports a failed step to the parent and exits. Raw system calls only.
+fn child_fail(err_fd: RawFd, step: u32, errno: i32) -> ! {
+    let mut msg = [0u8; 8];
+    msg[..4].copy_from_slice(&step.to_ne_bytes());
+    msg[4..].copy_from_slice(&errno.to_ne_bytes());
+    // SAFETY: a write of a stack buffer, then exit.
     unsafe {
-        let errno = *libc::__errno_location();
-        let mut msg = [0u8; 8];
-        msg[..4].copy_from_slice(&step.to_ne_bytes());
-        msg[4..].copy_from_slice(&errno.to_ne_bytes());
-        libc::write(err_fd, msg.as_ptr().cast(), msg.len());
-        libc::_exit(127)
+        let _ = sys::write(err_fd, &msg);
+        sys::exit(127)
     }
 }
 
@@ -416,35 +498,51 @@ impl Child {
                 Some((r, w, t))
             }
         };
-        let args = ChildArgs {
-            prog: prog_c.as_ptr(),
-            argv: argv.as_ptr(),
-            envp: envp.as_ptr(),
-            cwd: cwd_c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
-            devnull: devnull.as_ptr(),
-            out_w: out_w.as_raw_fd(),
-            stderr_w: stderr_pipe
-                .as_ref()
-                .map_or(out_w.as_raw_fd(), |(_, w, _)| w.as_raw_fd()),
-            err_w: err_w.as_raw_fd(),
-            die_with_parent: spec.die_with_parent,
-            parent: std::process::id() as libc::pid_t,
-            setup: &spec.setup,
-        };
+        // A sandbox child that runs its setup alongside the loop shares our memory
+        // (CLONE_VM without CLONE_VFORK): what it reads is kept until it is reaped.
+        let overlap = sys::AVAILABLE
+            && matches!(&spec.setup, ChildSetup::Sandbox(sb) if sb.spawn == SpawnMode::Overlap);
+        let setup: *const ChildSetup = &spec.setup;
+        let mut launch = Box::new(Launch {
+            args: ChildArgs {
+                prog: prog_c.as_ptr(),
+                argv: argv.as_ptr(),
+                envp: envp.as_ptr(),
+                cwd: cwd_c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
+                devnull: devnull.as_ptr(),
+                out_w: out_w.as_raw_fd(),
+                stderr_w: stderr_pipe
+                    .as_ref()
+                    .map_or(out_w.as_raw_fd(), |(_, w, _)| w.as_raw_fd()),
+                err_w: err_w.as_raw_fd(),
+                die_with_parent: spec.die_with_parent,
+                parent: std::process::id() as libc::pid_t,
+                setup,
+            },
+            _strings: (prog_c, args_c, env_c, cwd_c, devnull),
+            _pointers: (argv, envp),
+            setup: None,
+            stack: vec![0u8; CHILD_STACK],
+        });
+        if overlap {
+            let copy = Box::new(spec.setup.clone());
+            launch.args.setup = &*copy;
+            launch.setup = Some(copy);
+        }
         let flags = match &spec.setup {
             // vfork semantics: no page-table copy, the parent waits only until exec.
             ChildSetup::Plain | ChildSetup::AsUser { .. } => libc::CLONE_VM | libc::CLONE_VFORK,
-            // A plain clone: the setup (mounts) takes a while and must not stall the loop.
-            ChildSetup::Sandbox(sb) => sb.flags,
+            ChildSetup::Sandbox(sb) if overlap => sb.flags | libc::CLONE_VM,
+            ChildSetup::Sandbox(sb) => sb.flags | libc::CLONE_VM | libc::CLONE_VFORK,
         };
-        let mut stack = vec![0u8; CHILD_STACK];
-        // SAFETY: the stack top is inside `stack` and 16-byte aligned; all signals are
-        // blocked around clone so no handler runs in the child before it resets them;
-        // `args` and everything it points to outlive the child's use (the parent is
-        // suspended until the child execs or exits; without CLONE_VM the child has its own
-        // copy).
+        // SAFETY: the stack top is inside `launch.stack` and 16-byte aligned; all signals
+        // are blocked around clone so no handler runs in the child before it resets them;
+        // `launch` and everything it points to outlive the child's use: with vfork the
+        // parent is suspended until the child execs or exits, without CLONE_VM the child
+        // has its own copy, and an overlapping child's `launch` is kept in the `Child`
+        // until it is reaped. The child makes raw system calls only (no errno).
         let pid = unsafe {
-            let top = stack.as_mut_ptr().add(CHILD_STACK) as usize & !15;
+            let top = launch.stack.as_mut_ptr().add(CHILD_STACK) as usize & !15;
             let mut all: libc::sigset_t = std::mem::zeroed();
             let mut old: libc::sigset_t = std::mem::zeroed();
             libc::sigfillset(&mut all);
@@ -453,7 +551,7 @@ impl Child {
                 child_main,
                 top as *mut libc::c_void,
                 flags | libc::SIGCHLD,
-                &args as *const ChildArgs as *mut libc::c_void,
+                &launch.args as *const ChildArgs as *mut libc::c_void,
             );
             let err = io::Error::last_os_error();
             libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
@@ -468,7 +566,7 @@ impl Child {
             }
             pid
         };
-        drop(stack);
+        let launch = if overlap { Some(Keep(launch)) } else { None };
         drop(out_w);
         drop(err_w);
         Ok(Child {
@@ -479,6 +577,7 @@ impl Child {
             exec_err: err_r,
             token,
             status: None,
+            _launch: launch,
         })
     }
 
@@ -644,9 +743,11 @@ impl Child {
     /// SIGKILLs the whole process group (harmless when it is gone).
     pub fn kill_group(&self) {
         if self.status.is_none() {
-            // SAFETY: kill on our child's process group.
+            // SAFETY: kill on our child's process group, and on the child itself: a
+            // sandbox child still setting up has not made its own group yet.
             unsafe {
                 libc::kill(-self.pid, libc::SIGKILL);
+                libc::kill(self.pid, libc::SIGKILL);
             }
         }
     }

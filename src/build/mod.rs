@@ -11,6 +11,7 @@ pub mod outputs;
 pub mod reactor;
 pub mod run;
 pub mod sandbox;
+pub(crate) mod sys;
 pub mod worker;
 
 pub use goal::{Failure, FailureKind, GoalId, Outcome};

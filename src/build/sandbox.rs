@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 
 use super::child::ChildSetup;
 use super::graph::PathGraph;
+use super::sys;
 use crate::store::drv::Derivation;
 use crate::store::fsutil;
 use crate::store::local::LocalStore;
@@ -369,6 +370,30 @@ pub struct SandboxSetup {
     pub flags: libc::c_int,
     pub ops: Vec<Op>,
     pub fds: Vec<Cell<libc::c_int>>,
+    /// How the child is cloned.
+    pub spawn: SpawnMode,
+}
+
+/// How a sandboxed child is cloned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SpawnMode {
+    /// Shares the loop's memory (`CLONE_VM`) and sets up while the loop goes on: no
+    /// page-table copy and no wait. Its steps make raw system calls only (`sys.rs`), so
+    /// it never writes the loop's `errno`; what it reads is kept until it is reaped.
+    /// Where raw calls are not available (neither x86_64 nor aarch64): `Vfork`.
+    Overlap,
+    /// `CLONE_VM|CLONE_VFORK`: the loop waits until the child execs
+    /// (`HAUBERK_SANDBOX_OVERLAP=0`).
+    Vfork,
+}
+
+impl SpawnMode {
+    fn configured() -> SpawnMode {
+        match std::env::var_os("HAUBERK_SANDBOX_OVERLAP") {
+            Some(v) if v == "0" => SpawnMode::Vfork,
+            _ => SpawnMode::Overlap,
+        }
+    }
 }
 
 impl SandboxSetup {
@@ -377,79 +402,58 @@ impl SandboxSetup {
             flags,
             ops,
             fds: Vec::new(),
+            spawn: SpawnMode::configured(),
         }
     }
 }
 
-fn errno() -> i32 {
-    // SAFETY: reading the thread's errno.
-    unsafe { *libc::__errno_location() }
-}
-
-fn ok(r: libc::c_int) -> Result<(), i32> {
-    if r < 0 {
-        Err(errno())
-    } else {
-        Ok(())
-    }
-}
-
-fn ok_exists(r: libc::c_int) -> Result<(), i32> {
-    if r < 0 && errno() != libc::EEXIST {
-        Err(errno())
-    } else {
-        Ok(())
-    }
-}
-
-/// Runs the steps. In the child between clone and exec: system calls only, no
-/// allocation. Returns the index of the failed step and errno.
+/// Runs the steps. In the child between clone and exec: raw system calls only (no
+/// allocation, no `errno`: the child may share the daemon's memory). Returns the index of
+/// the failed step and the error number.
 ///
 /// # Safety
 /// Only in a freshly cloned child.
 pub(super) unsafe fn run_ops(setup: &SandboxSetup) -> Result<(), (usize, i32)> {
-    libc::umask(0);
+    let _ = sys::sys1(libc::SYS_umask, 0);
     for (i, op) in setup.ops.iter().enumerate() {
         run_op(op, &setup.fds).map_err(|e| (i, e))?;
     }
     Ok(())
 }
 
+fn exists_ok(r: Result<(), i32>) -> Result<(), i32> {
+    match r {
+        Err(libc::EEXIST) => Ok(()),
+        r => r,
+    }
+}
+
 /// Opens `path` with `flags` and writes `data` in one `write`, as `/proc` files need.
-/// System calls only (runs between clone and exec).
+/// Raw system calls only (runs between clone and exec).
 unsafe fn write_whole(path: &std::ffi::CStr, flags: libc::c_int, data: &[u8]) -> Result<(), i32> {
-    let fd = libc::open(path.as_ptr(), flags | libc::O_CLOEXEC, 0o644);
-    if fd < 0 {
-        return Err(errno());
+    let fd = sys::open(path, flags | libc::O_CLOEXEC, 0o644)?;
+    let r = sys::write(fd, data);
+    sys::close(fd);
+    match r {
+        Ok(n) if n == data.len() => Ok(()),
+        Ok(_) => Err(libc::EIO),
+        Err(e) => Err(e),
     }
-    let n = libc::write(fd, data.as_ptr().cast(), data.len());
-    let e = errno();
-    libc::close(fd);
-    if n != data.len() as isize {
-        return Err(e);
-    }
-    Ok(())
 }
 
 unsafe fn run_op(op: &Op, fds: &[Cell<libc::c_int>]) -> Result<(), i32> {
-    let null = std::ptr::null::<libc::c_char>();
+    let none = 0usize;
     match op {
         Op::WriteProc { path, data } => write_whole(path, libc::O_WRONLY, data.as_bytes()),
-        Op::MakePrivate => ok(libc::mount(
-            null,
-            c"/".as_ptr(),
-            null,
-            libc::MS_REC | libc::MS_PRIVATE,
-            std::ptr::null(),
-        )),
-        Op::Tmpfs { target, opts } => ok(libc::mount(
-            c"tmpfs".as_ptr(),
-            target.as_ptr(),
-            c"tmpfs".as_ptr(),
+        Op::MakePrivate => sys::mount(none, c"/", none, libc::MS_REC | libc::MS_PRIVATE, none),
+        Op::Tmpfs { target, opts } => sys::mount(
+            sys::p(c"tmpfs"),
+            target,
+            sys::p(c"tmpfs"),
             libc::MS_NOSUID | libc::MS_NODEV,
-            opts.as_ptr().cast(),
-        )),
-        Op::Mkdir { path, mode } => ok_exists(libc::mkdir(path.as_ptr(), *mode)),
+            sys::p(opts),
+        ),
+        Op::Mkdir { path, mode } => exists_ok(sys::mkdir(path, *mode)),
         Op::Bind {
             src,
             dst,
@@ -457,46 +461,29 @@ unsafe fn run_op(op: &Op, fds: &[Cell<libc::c_int>]) -> Result<(), i32> {
             optional,
             copy_symlink,
         } => {
-            let mut st: libc::stat = std::mem::zeroed();
-            let r = if *copy_symlink {
-                libc::lstat(src.as_ptr(), &mut st)
-            } else {
-                libc::stat(src.as_ptr(), &mut st)
+            let mode = match sys::stat_mode(src, !*copy_symlink) {
+                Ok(m) => m,
+                Err(libc::ENOENT) if *optional => return Ok(()),
+                Err(e) => return Err(e),
             };
-            if r < 0 {
-                if *optional && errno() == libc::ENOENT {
-                    return Ok(());
-                }
-                return Err(errno());
-            }
-            match st.st_mode & libc::S_IFMT {
-                libc::S_IFDIR => ok_exists(libc::mkdir(dst.as_ptr(), 0o755))?,
+            match mode & libc::S_IFMT {
+                libc::S_IFDIR => exists_ok(sys::mkdir(dst, 0o755))?,
                 libc::S_IFLNK => {
                     let mut buf = [0u8; 4097];
-                    let n = libc::readlink(src.as_ptr(), buf.as_mut_ptr().cast(), 4096);
-                    if n < 0 {
-                        return Err(errno());
-                    }
-                    buf[n as usize] = 0;
-                    return ok(libc::symlink(buf.as_ptr().cast(), dst.as_ptr()));
+                    sys::readlink(src, &mut buf)?;
+                    return sys::symlink(buf.as_ptr() as usize, dst);
                 }
-                _ => ok_exists(libc::mknod(dst.as_ptr(), libc::S_IFREG | 0o444, 0))?,
+                _ => exists_ok(sys::mknod_file(dst, 0o444))?,
             }
-            ok(libc::mount(
-                src.as_ptr(),
-                dst.as_ptr(),
-                null,
-                libc::MS_BIND | libc::MS_REC,
-                std::ptr::null(),
-            ))?;
+            sys::mount(sys::p(src), dst, none, libc::MS_BIND | libc::MS_REC, none)?;
             if *ro {
-                ok(libc::mount(
-                    null,
-                    dst.as_ptr(),
-                    null,
+                sys::mount(
+                    none,
+                    dst,
+                    none,
                     libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
-                    std::ptr::null(),
-                ))?;
+                    none,
+                )?;
             }
             Ok(())
         }
@@ -506,112 +493,93 @@ unsafe fn run_op(op: &Op, fds: &[Cell<libc::c_int>]) -> Result<(), i32> {
             real_dst,
             empty,
         } => {
-            let mut st: libc::stat = std::mem::zeroed();
-            ok(libc::lstat(src.as_ptr(), &mut st))?;
-            match st.st_mode & libc::S_IFMT {
-                libc::S_IFDIR => ok_exists(libc::mkdir(real_dst.as_ptr(), 0o755))?,
+            match sys::stat_mode(src, false)? & libc::S_IFMT {
+                libc::S_IFDIR => exists_ok(sys::mkdir(real_dst, 0o755))?,
                 libc::S_IFLNK => {
                     let mut buf = [0u8; 4097];
-                    let n = libc::readlink(src.as_ptr(), buf.as_mut_ptr().cast(), 4096);
-                    if n < 0 {
-                        return Err(errno());
-                    }
-                    buf[n as usize] = 0;
-                    return ok(libc::symlink(buf.as_ptr().cast(), real_dst.as_ptr()));
+                    sys::readlink(src, &mut buf)?;
+                    return sys::symlink(buf.as_ptr() as usize, real_dst);
                 }
-                _ => ok_exists(libc::link(empty.as_ptr(), real_dst.as_ptr()))?,
+                _ => exists_ok(sys::link(empty, real_dst))?,
             }
-            ok(libc::mount(
-                src.as_ptr(),
-                dst.as_ptr(),
-                null,
-                libc::MS_BIND,
-                std::ptr::null(),
-            ))
+            sys::mount(sys::p(src), dst, none, libc::MS_BIND, none)
         }
-        Op::Umount { target } => ok(libc::umount2(target.as_ptr(), libc::MNT_DETACH)),
-        Op::Rmdir { path } => ok(libc::rmdir(path.as_ptr())),
+        Op::Umount { target } => sys::umount2(target, libc::MNT_DETACH),
+        Op::Rmdir { path } => sys::rmdir(path),
         Op::WriteFile { path, data } => write_whole(
             path,
             libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC,
             data.as_bytes(),
         ),
-        Op::Symlink { target, link } => ok(libc::symlink(target.as_ptr(), link.as_ptr())),
+        Op::Symlink { target, link } => sys::symlink(sys::p(target), link),
         Op::Mount {
             src,
             target,
             fstype,
             opts,
-        } => ok(libc::mount(
-            src.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
+        } => sys::mount(
+            sys::p(src),
+            target,
+            sys::p(fstype),
             libc::MS_NOSUID | libc::MS_NOEXEC | libc::MS_NODEV,
             if opts.as_bytes().is_empty() {
-                std::ptr::null()
+                0
             } else {
-                opts.as_ptr().cast()
+                sys::p(opts)
             },
-        )),
+        ),
         Op::Hostname => {
-            ok(libc::sethostname(c"localhost".as_ptr(), 9))?;
-            ok(libc::setdomainname(c"(none)".as_ptr(), 6))
+            sys::sys2(libc::SYS_sethostname, sys::p(c"localhost"), 9)?;
+            sys::sys2(libc::SYS_setdomainname, sys::p(c"(none)"), 6).map(drop)
         }
         Op::LoopbackUp => {
-            let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
-            if fd < 0 {
-                return Err(errno());
-            }
+            let fd = sys::sys3(
+                libc::SYS_socket,
+                libc::AF_INET as usize,
+                (libc::SOCK_DGRAM | libc::SOCK_CLOEXEC) as usize,
+                0,
+            )? as libc::c_int;
             let mut ifr: libc::ifreq = std::mem::zeroed();
             for (d, s) in ifr.ifr_name.iter_mut().zip(b"lo\0") {
                 *d = *s as libc::c_char;
             }
             ifr.ifr_ifru.ifru_flags =
                 (libc::IFF_UP | libc::IFF_LOOPBACK | libc::IFF_RUNNING) as libc::c_short;
-            let r = libc::ioctl(fd, libc::SIOCSIFFLAGS as _, &ifr);
-            let e = errno();
-            libc::close(fd);
-            if r < 0 {
-                return Err(e);
-            }
-            Ok(())
+            let r = sys::sys3(
+                libc::SYS_ioctl,
+                fd as usize,
+                libc::SIOCSIFFLAGS as usize,
+                &ifr as *const libc::ifreq as usize,
+            );
+            sys::close(fd);
+            r.map(drop)
         }
         Op::PivotRoot { root } => {
-            ok(libc::chdir(root.as_ptr()))?;
-            ok(libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as libc::c_int)?;
-            ok(libc::umount2(c".".as_ptr(), libc::MNT_DETACH))?;
-            ok(libc::chdir(c"/".as_ptr()))
+            sys::sys1(libc::SYS_chdir, sys::p(root))?;
+            sys::sys2(libc::SYS_pivot_root, sys::p(c"."), sys::p(c"."))?;
+            sys::umount2(c".", libc::MNT_DETACH)?;
+            sys::sys1(libc::SYS_chdir, sys::p(c"/")).map(drop)
         }
-        Op::SetUser { uid, gid } => {
-            let groups = [*gid as libc::gid_t];
-            ok(libc::setgroups(1, groups.as_ptr()))?;
-            ok(libc::setgid(*gid))?;
-            ok(libc::setuid(*uid))
-        }
+        Op::SetUser { uid, gid } => set_user(*uid, *gid),
         Op::DropSysAdmin => drop_sys_admin(),
-        Op::SetNs { fd, nstype } => ok(libc::setns(*fd, *nstype)),
-        Op::Unlink { path } => ok(libc::unlink(path.as_ptr())),
-        Op::Rename { from, to } => ok(libc::rename(from.as_ptr(), to.as_ptr())),
-        Op::Link { from, to } => ok(libc::link(from.as_ptr(), to.as_ptr())),
+        Op::SetNs { fd, nstype } => {
+            sys::sys2(libc::SYS_setns, *fd as usize, *nstype as usize).map(drop)
+        }
+        Op::Unlink { path } => sys::unlink(path),
+        Op::Rename { from, to } => sys::rename(from, to),
+        Op::Link { from, to } => sys::link(from, to),
         Op::CopySymlink { src, dst } => {
             let mut buf = [0u8; 4097];
-            let n = libc::readlink(src.as_ptr(), buf.as_mut_ptr().cast(), 4096);
-            if n < 0 {
-                return Err(errno());
-            }
-            buf[n as usize] = 0;
-            ok(libc::symlink(buf.as_ptr().cast(), dst.as_ptr()))
+            sys::readlink(src, &mut buf)?;
+            sys::symlink(buf.as_ptr() as usize, dst)
         }
         Op::OpenTree { src, slot, ro } => {
-            let fd = libc::syscall(
+            let fd = sys::sys3(
                 libc::SYS_open_tree,
-                libc::AT_FDCWD,
-                src.as_ptr(),
-                OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | AT_SYMLINK_NOFOLLOW,
-            ) as libc::c_int;
-            if fd < 0 {
-                return Err(errno());
-            }
+                libc::AT_FDCWD as isize as usize,
+                sys::p(src),
+                (OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | AT_SYMLINK_NOFOLLOW) as usize,
+            )? as libc::c_int;
             if let Some(cell) = fds.get(*slot) {
                 cell.set(fd);
             }
@@ -622,56 +590,57 @@ unsafe fn run_op(op: &Op, fds: &[Cell<libc::c_int>]) -> Result<(), i32> {
                     propagation: 0,
                     userns_fd: 0,
                 };
-                ok(libc::syscall(
+                sys::sys5(
                     libc::SYS_mount_setattr,
-                    fd,
-                    c"".as_ptr(),
-                    libc::AT_EMPTY_PATH,
-                    &attr as *const MountAttr,
+                    fd as usize,
+                    sys::p(c""),
+                    libc::AT_EMPTY_PATH as usize,
+                    &attr as *const MountAttr as usize,
                     std::mem::size_of::<MountAttr>(),
-                ) as libc::c_int)?;
+                )?;
             }
             Ok(())
         }
-        Op::MakeFile { path } => ok(libc::mknod(path.as_ptr(), libc::S_IFREG, 0)),
-        Op::Remount { target, ro } => ok(libc::mount(
-            null,
-            target.as_ptr(),
-            null,
+        Op::MakeFile { path } => sys::mknod_file(path, 0),
+        Op::Remount { target, ro } => sys::mount(
+            none,
+            target,
+            none,
             libc::MS_REMOUNT
                 | libc::MS_BIND
                 | libc::MS_NOSUID
                 | libc::MS_NODEV
                 | if *ro { libc::MS_RDONLY } else { 0 },
-            std::ptr::null(),
-        )),
+            none,
+        ),
         Op::MoveTree { from, to } => {
-            let r = libc::mount(
-                from.as_ptr(),
-                to.as_ptr(),
-                null,
-                libc::MS_MOVE,
-                std::ptr::null(),
-            );
-            if r < 0 && errno() == libc::ENOENT {
-                return ok(libc::umount2(from.as_ptr(), libc::MNT_DETACH));
+            match sys::mount(sys::p(from), to, none, libc::MS_MOVE, none) {
+                Err(libc::ENOENT) => sys::umount2(from, libc::MNT_DETACH),
+                r => r,
             }
-            ok(r)
         }
         Op::MoveMount { slot, dst } => {
             let fd = fds.get(*slot).map_or(-1, Cell::get);
-            ok(libc::syscall(
+            let r = sys::sys5(
                 libc::SYS_move_mount,
-                fd,
-                c"".as_ptr(),
-                libc::AT_FDCWD,
-                dst.as_ptr(),
-                MOVE_MOUNT_F_EMPTY_PATH,
-            ) as libc::c_int)?;
-            libc::close(fd);
-            Ok(())
+                fd as usize,
+                sys::p(c""),
+                libc::AT_FDCWD as isize as usize,
+                sys::p(dst),
+                MOVE_MOUNT_F_EMPTY_PATH as usize,
+            );
+            sys::close(fd);
+            r.map(drop)
         }
     }
+}
+
+/// Supplementary groups, gid, uid: the switch to a build user. Raw system calls.
+pub(super) unsafe fn set_user(uid: u32, gid: u32) -> Result<(), i32> {
+    let groups = [gid as libc::gid_t];
+    sys::sys2(libc::SYS_setgroups, 1, groups.as_ptr() as usize)?;
+    sys::sys1(libc::SYS_setgid, gid as usize)?;
+    sys::sys1(libc::SYS_setuid, uid as usize).map(drop)
 }
 
 // The new mount API (Linux 5.2, mount_setattr 5.12); not all in the libc crate.
@@ -690,7 +659,7 @@ struct MountAttr {
 }
 
 /// Drops CAP_SYS_ADMIN from the bounding set (so exec cannot give it back to root) and
-/// from the effective, permitted and inheritable sets. System calls only.
+/// from the effective, permitted and inheritable sets. Raw system calls.
 unsafe fn drop_sys_admin() -> Result<(), i32> {
     #[repr(C)]
     struct Header {
@@ -704,13 +673,11 @@ unsafe fn drop_sys_admin() -> Result<(), i32> {
         permitted: u32,
         inheritable: u32,
     }
-    ok(libc::prctl(
-        libc::PR_CAPBSET_DROP,
-        CAP_SYS_ADMIN as libc::c_ulong,
-        0,
-        0,
-        0,
-    ))?;
+    sys::sys2(
+        libc::SYS_prctl,
+        libc::PR_CAPBSET_DROP as usize,
+        CAP_SYS_ADMIN as usize,
+    )?;
     let mut hdr = Header {
         version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
         pid: 0,
@@ -720,12 +687,21 @@ unsafe fn drop_sys_admin() -> Result<(), i32> {
         permitted: 0,
         inheritable: 0,
     }; 2];
-    ok(libc::syscall(libc::SYS_capget, &mut hdr as *mut Header, data.as_mut_ptr()) as libc::c_int)?;
+    sys::sys2(
+        libc::SYS_capget,
+        &mut hdr as *mut Header as usize,
+        data.as_mut_ptr() as usize,
+    )?;
     let bit = !(1u32 << CAP_SYS_ADMIN);
     data[0].effective &= bit;
     data[0].permitted &= bit;
     data[0].inheritable &= bit;
-    ok(libc::syscall(libc::SYS_capset, &mut hdr as *mut Header, data.as_ptr()) as libc::c_int)
+    sys::sys2(
+        libc::SYS_capset,
+        &mut hdr as *mut Header as usize,
+        data.as_ptr() as usize,
+    )
+    .map(drop)
 }
 
 /// Writes "sandbox step" details for the parent: the description of the failed step.
@@ -872,7 +848,7 @@ pub fn kill_user(uid: u32) -> Result<(), SandboxError> {
                 if libc::kill(-1, libc::SIGKILL) == 0 {
                     libc::_exit(0);
                 }
-                match errno() {
+                match *libc::__errno_location() {
                     libc::ESRCH | libc::EPERM => libc::_exit(0),
                     libc::EINTR => continue,
                     _ => libc::_exit(2),

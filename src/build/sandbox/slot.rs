@@ -488,11 +488,7 @@ impl SlotNs {
         ops.extend(b.last);
         self.per_build_mounted = true;
         let mut setup = SandboxSetup::new(
-            libc::CLONE_NEWPID
-                | libc::CLONE_NEWIPC
-                | libc::CLONE_NEWUTS
-                | libc::CLONE_VM
-                | libc::CLONE_VFORK,
+            libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS,
             ops,
         );
         setup.fds = vec![std::cell::Cell::new(-1); fds];
