@@ -876,3 +876,172 @@ fn a_build_waits_while_another_process_holds_the_build_user() {
     assert_eq!(u, uid.to_string());
     assert!(start >= released, "started before the user was released");
 }
+
+// ---- Defects a review found in the reused sandbox slots; each must stay fixed ----
+
+/// `hauberk build --sandbox ...` run inside a new mount namespace whose mounts are made
+/// shared first (as / is on every systemd host, NixOS included).
+fn build_on_shared_host(e: &Env, extra: &[&str], drvs: &[&str]) -> Output {
+    Command::new("unshare")
+        .args(["-m", "--propagation", "unchanged", "sh", "-c"])
+        .arg(r#"mount --make-rshared / && exec "$@""#)
+        .arg("sh")
+        .arg(common::BIN)
+        .arg("--store-dir")
+        .arg(e.store())
+        .arg("--state-dir")
+        .arg(e.dir.join("state"))
+        .args(["build", "--sandbox", "--sandbox-paths", HOST_PATHS])
+        .args(extra)
+        .args(drvs)
+        .env("TMPDIR", e.dir.join("tmp"))
+        .env_remove("HAUBERK_SANDBOX")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn on_a_shared_host_a_slot_sees_no_other_store_paths() {
+    let Some(e) = Env::sandboxed("rv-shared") else {
+        return;
+    };
+    // y0..y11: directories with one file each, fyN.
+    let ps: Vec<(String, String)> = (0..12)
+        .map(|i| {
+            e.mk(
+                &format!("y{i}"),
+                &format!("mkdir $out; echo y > $out/fy{i}"),
+                &[],
+                &[],
+            )
+        })
+        .collect();
+    let y = &ps[0];
+    // `a` (slot 0) has only y0 in its closure and lists it in a tight loop (in-shell glob).
+    let a = e.mk(
+        "a",
+        r#"i=0; while [ $i -lt 300000 ]; do echo $Y/*; i=$((i+1)); done | sed "s|.*/||" | sort -u > $out"#,
+        &[y],
+        &[("Y", &y.1)],
+    );
+    // Meanwhile slot 1 runs a chain whose closures alternate between all of y0..y11 and none:
+    // each second build moves y0..y11 onto its trash stack.
+    let mut prev: Option<(String, String)> = None;
+    for i in 0..60 {
+        let mut deps: Vec<&(String, String)> = if i % 2 == 0 {
+            ps.iter().collect()
+        } else {
+            vec![]
+        };
+        if let Some(p) = &prev {
+            deps.push(p);
+        }
+        prev = Some(e.mk(&format!("b{i}"), &format!("echo {i} > $out"), &deps, &[]));
+    }
+    let o = build_on_shared_host(&e, &["--max-jobs", "2"], &[&a.0, &prev.unwrap().0]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let seen = std::fs::read_to_string(&a.1).unwrap();
+    // Only fy0 should ever be seen at $Y.
+    assert_eq!(seen, "fy0\n", "a saw other store paths at its input y0");
+}
+
+#[test]
+fn a_root_builder_cannot_forge_a_symlink_input_of_the_next_build() {
+    let Some(e) = Env::sandboxed("rv-symlink") else {
+        return;
+    };
+    let l = e.mk("l", "ln -s target-l $out", &[], &[]);
+    let b1 = e.mk(
+        "b1",
+        "rm $L && echo forged > $L; echo 1 > $out",
+        &[&l],
+        &[("L", &l.1)],
+    );
+    let b2 = e.mk(
+        "b2",
+        "{ readlink $L || cat $L; } > $out 2>&1",
+        &[&l, &b1],
+        &[("L", &l.1)],
+    );
+    let o = e.build(&["--max-jobs", "1"], &[&b2.0]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(std::fs::read_to_string(&b2.1).unwrap(), "target-l\n");
+}
+
+#[test]
+fn a_root_builder_keeps_only_file_owner_capabilities() {
+    let Some(e) = Env::sandboxed("rootcaps") else {
+        return;
+    };
+    // Writing a sysctl's own value back would be harmless if it worked.
+    let b = e.mk(
+        "b",
+        r#"grep CapEff /proc/self/status | cut -f2 > $out
+           if cat /proc/sys/vm/stat_interval > /proc/sys/vm/stat_interval 2>/dev/null; then
+             echo SYSCTL-WRITTEN; else echo sysctl-read-only; fi >> $out
+           if chmod 666 /dev/null 2>/dev/null; then echo CHMOD; else echo dev-read-only; fi >> $out"#,
+        &[],
+        &[],
+    );
+    let o = e.build(&[], &[&b.0]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = std::fs::read_to_string(&b.1).unwrap();
+    let mut lines = out.lines();
+    let caps = u64::from_str_radix(lines.next().unwrap(), 16).unwrap();
+    // dac_read_search, net_admin, sys_module, sys_rawio, sys_admin, mknod are gone;
+    // chown, dac_override, fowner, kill, setuid stay.
+    for gone in [2, 12, 16, 17, 21, 27] {
+        assert_eq!(caps & (1 << gone), 0, "capability {gone} kept: {caps:x}");
+    }
+    for kept in [0, 1, 3, 5, 7] {
+        assert_ne!(caps & (1 << kept), 0, "capability {kept} lost: {caps:x}");
+    }
+    assert_eq!(
+        lines.collect::<Vec<_>>(),
+        ["sysctl-read-only", "dev-read-only"]
+    );
+}
+
+#[test]
+fn a_root_builder_cannot_change_the_slots_network() {
+    let Some(e) = Env::sandboxed("rv-net") else {
+        return;
+    };
+    if !Path::new("/usr/sbin/ip").exists() {
+        eprintln!("skipped: no /usr/sbin/ip");
+        return;
+    }
+    let b1 = e.mk(
+        "b1",
+        "/usr/sbin/ip link set lo down; echo 1 > $out",
+        &[],
+        &[],
+    );
+    let b2 = e.mk(
+        "b2",
+        "/usr/sbin/ip -o link show lo | grep -o 'state [A-Z]*' > $out",
+        &[&b1],
+        &[],
+    );
+    let o = e.build(&["--max-jobs", "1"], &[&b2.0]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(std::fs::read_to_string(&b2.1).unwrap(), "state UNKNOWN\n");
+}
+
+#[test]
+fn a_sandbox_path_below_tmp_stays_visible() {
+    let Some(e) = Env::sandboxed("rv-tmp-path") else {
+        return;
+    };
+    let shared = e.dir.join("shared-tool");
+    std::fs::create_dir_all(&shared).unwrap();
+    std::fs::write(shared.join("t"), "tool\n").unwrap();
+    let b = e.mk(
+        "b",
+        "cat $T/t > $out",
+        &[],
+        &[("T", shared.to_str().unwrap())],
+    );
+    let o = e.build(&["--sandbox-paths", shared.to_str().unwrap()], &[&b.0]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}

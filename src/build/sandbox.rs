@@ -273,9 +273,10 @@ pub enum Op {
         uid: u32,
         gid: u32,
     },
-    /// For a builder that stays root: drops CAP_SYS_ADMIN from every capability set and
+    /// For a builder that stays root: drops every capability but those of a file owner
+    /// (see `ROOT_BUILDER_CAPS`) from every capability set and
     /// the bounding set, so it can neither mount nor leave its namespaces.
-    DropSysAdmin,
+    DropCaps,
     /// Enters the namespace open as `fd` (a slot's, or the host's mount namespace).
     SetNs {
         fd: RawFd,
@@ -347,8 +348,11 @@ impl Op {
             Op::LoopbackUp => ("bring up loopback interface", b"lo"),
             Op::PivotRoot { root } => ("pivot_root to", root.as_bytes()),
             Op::SetUser { .. } => ("switch to the build user", b""),
-            Op::DropSysAdmin => ("drop CAP_SYS_ADMIN", b""),
-            Op::SetNs { .. } => ("enter the slot's namespaces", b""),
+            Op::DropCaps => ("drop capabilities", b""),
+            Op::SetNs { nstype, .. } if *nstype == libc::CLONE_NEWNET => {
+                ("enter the slot's network namespace", b"")
+            }
+            Op::SetNs { .. } => ("enter a mount namespace", b""),
             Op::Unlink { path } => ("remove", path.as_bytes()),
             Op::Rename { from, .. } => ("rename", from.as_bytes()),
             Op::Link { to, .. } => ("create link", to.as_bytes()),
@@ -363,8 +367,8 @@ impl Op {
 }
 
 /// Everything the child needs: clone flags and the steps, prepared before clone, and the
-/// descriptor slots that `OpenTree` fills and `MoveMount` uses (written only in the
-/// child, which has its own copy of the memory).
+/// descriptor slots that `OpenTree` fills and `MoveMount` uses (written only by the
+/// child; an overlapping child writes them in a copy the loop keeps for it).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SandboxSetup {
     pub flags: libc::c_int,
@@ -561,7 +565,7 @@ unsafe fn run_op(op: &Op, fds: &[Cell<libc::c_int>]) -> Result<(), i32> {
             sys::sys1(libc::SYS_chdir, sys::p(c"/")).map(drop)
         }
         Op::SetUser { uid, gid } => set_user(*uid, *gid),
-        Op::DropSysAdmin => drop_sys_admin(),
+        Op::DropCaps => drop_caps(),
         Op::SetNs { fd, nstype } => {
             sys::sys2(libc::SYS_setns, *fd as usize, *nstype as usize).map(drop)
         }
@@ -583,11 +587,14 @@ unsafe fn run_op(op: &Op, fds: &[Cell<libc::c_int>]) -> Result<(), i32> {
             if let Some(cell) = fds.get(*slot) {
                 cell.set(fd);
             }
-            if *ro {
+            // Private: a clone of a shared mount would join the host's peer group, and
+            // what is later mounted on it (the trash stack) would show in other slots
+            // and on the host.
+            {
                 let attr = MountAttr {
-                    attr_set: MOUNT_ATTR_RDONLY,
+                    attr_set: if *ro { MOUNT_ATTR_RDONLY } else { 0 },
                     attr_clr: 0,
-                    propagation: 0,
+                    propagation: libc::MS_PRIVATE as u64,
                     userns_fd: 0,
                 };
                 sys::sys5(
@@ -648,7 +655,24 @@ const OPEN_TREE_CLONE: libc::c_uint = 1;
 const AT_SYMLINK_NOFOLLOW: libc::c_uint = 0x100;
 const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
 const MOUNT_ATTR_RDONLY: u64 = 0x1;
-const CAP_SYS_ADMIN: u32 = 21;
+/// What a builder that stays root keeps: chown, dac_override, fowner, fsetid, kill,
+/// setgid, setuid, net_bind_service, net_raw, ipc_lock, sys_chroot, audit_write. Gone
+/// are, among others, dac_read_search (`open_by_handle_at` reaches any file), sys_admin
+/// (mounts), net_admin (the slot's loopback), sys_module, sys_rawio, mknod and sys_ptrace.
+const ROOT_BUILDER_CAPS: u64 = (1 << 0)
+    | (1 << 1)
+    | (1 << 3)
+    | (1 << 4)
+    | (1 << 5)
+    | (1 << 6)
+    | (1 << 7)
+    | (1 << 10)
+    | (1 << 13)
+    | (1 << 14)
+    | (1 << 18)
+    | (1 << 29);
+/// Capability numbers are below this (CAP_LAST_CAP is 40 on Linux 6.x).
+const CAP_COUNT: usize = 64;
 
 #[repr(C)]
 struct MountAttr {
@@ -658,9 +682,10 @@ struct MountAttr {
     userns_fd: u64,
 }
 
-/// Drops CAP_SYS_ADMIN from the bounding set (so exec cannot give it back to root) and
-/// from the effective, permitted and inheritable sets. Raw system calls.
-unsafe fn drop_sys_admin() -> Result<(), i32> {
+/// Drops every capability not in `ROOT_BUILDER_CAPS` from the bounding set (so exec
+/// cannot give them back to root) and from the effective, permitted and inheritable
+/// sets. Raw system calls.
+unsafe fn drop_caps() -> Result<(), i32> {
     #[repr(C)]
     struct Header {
         version: u32,
@@ -673,11 +698,15 @@ unsafe fn drop_sys_admin() -> Result<(), i32> {
         permitted: u32,
         inheritable: u32,
     }
-    sys::sys2(
-        libc::SYS_prctl,
-        libc::PR_CAPBSET_DROP as usize,
-        CAP_SYS_ADMIN as usize,
-    )?;
+    for cap in 0..CAP_COUNT {
+        if ROOT_BUILDER_CAPS & (1 << cap) == 0 {
+            match sys::sys2(libc::SYS_prctl, libc::PR_CAPBSET_DROP as usize, cap) {
+                // Beyond the last capability this kernel knows.
+                Ok(_) | Err(libc::EINVAL) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
     let mut hdr = Header {
         version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
         pid: 0,
@@ -692,10 +721,12 @@ unsafe fn drop_sys_admin() -> Result<(), i32> {
         &mut hdr as *mut Header as usize,
         data.as_mut_ptr() as usize,
     )?;
-    let bit = !(1u32 << CAP_SYS_ADMIN);
-    data[0].effective &= bit;
-    data[0].permitted &= bit;
-    data[0].inheritable &= bit;
+    for (i, d) in data.iter_mut().enumerate() {
+        let keep = (ROOT_BUILDER_CAPS >> (32 * i)) as u32;
+        d.effective &= keep;
+        d.permitted &= keep;
+        d.inheritable &= keep;
+    }
     sys::sys2(
         libc::SYS_capset,
         &mut hdr as *mut Header as usize,
@@ -955,6 +986,9 @@ impl Sandbox {
             .build_users_group
             .as_deref()
             .map(|g| BuildUsers::new(g, state_dir).map_err(|e| e.to_string()));
+        let reuse = is_root()
+            && std::env::var_os("HAUBERK_SANDBOX_REUSE").map_or(true, |v| v != "0")
+            && !cfg.paths.iter().any(|p| slot::covered_per_build(&p.target));
         Sandbox {
             cfg,
             root: state_dir.join("sandbox-root"),
@@ -962,8 +996,7 @@ impl Sandbox {
             users,
             store_dir_prepared: false,
             empty: None,
-            reuse: is_root()
-                && std::env::var_os("HAUBERK_SANDBOX_REUSE").map_or(true, |v| v != "0"),
+            reuse,
             slots: Vec::new(),
             host_mnt: None,
         }
@@ -1010,7 +1043,8 @@ impl Sandbox {
         let s = &mut self.slots[k];
         s.busy = false;
         if result.is_ok() && succeeded {
-            match s.ns.as_ref().map(|ns| ns.sweep()) {
+            let real_store = Path::new(store.store_dir().as_str());
+            match s.ns.as_ref().map(|ns| ns.sweep(real_store)) {
                 Some(Ok(())) => return (None, result),
                 Some(Err(e)) => log::warn!("{e}; the sandbox slot is made again"),
                 None => {}
@@ -1106,13 +1140,8 @@ impl Sandbox {
         }
         let fixed = drv.is_fixed_output();
         if self.reuse && !fixed {
-            match self.slot_setup(iso, store, graph, input_roots, build_dir, user) {
-                Ok(s) => return Ok(s),
-                Err(e) if iso.run.slot.is_none() => {
-                    log::warn!("{e}; sandboxes will not be reused");
-                    self.reuse = false;
-                }
-                Err(e) => return Err(e),
+            if let Some(s) = self.slot_setup(iso, store, graph, input_roots, build_dir, user)? {
+                return Ok(s);
             }
         }
         // The sandbox's store directory, on the store's file system so outputs can be
@@ -1164,6 +1193,9 @@ impl Sandbox {
             fstype: c("proc"),
             opts: c(""),
         });
+        if user.is_none() && is_root() {
+            proc_read_only_ops(&mut ops, &r);
+        }
         // The store: the on-disk directory at the store path, then each path of the
         // input closure bound from a read-only view of the real store (binds inherit
         // read-only), then the view is detached.
@@ -1238,11 +1270,12 @@ impl Sandbox {
             path: r("/dev"),
             mode: 0o755,
         });
+        // Read-only binds: the devices work, but their host inodes cannot be chmod'ed.
         for d in ["null", "zero", "full", "random", "urandom", "tty"] {
             ops.push(Op::Bind {
                 src: c(&format!("/dev/{d}")),
                 dst: r(&format!("/dev/{d}")),
-                ro: false,
+                ro: true,
                 optional: d == "tty",
                 copy_symlink: false,
             });
@@ -1294,7 +1327,8 @@ impl Sandbox {
     }
 
     /// The reused-sandbox path: takes a free slot (making its namespaces the first time)
-    /// and plans the diff from the slot's last closure to this build's.
+    /// and plans the diff from the slot's last closure to this build's. `None` when a
+    /// slot cannot be made (reuse is then off for good: builds get a sandbox each).
     fn slot_setup(
         &mut self,
         iso: &mut Isolation,
@@ -1303,7 +1337,7 @@ impl Sandbox {
         input_roots: &[u32],
         build_dir: &Path,
         user: Option<(u32, u32)>,
-    ) -> Result<ChildSetup, SandboxError> {
+    ) -> Result<Option<ChildSetup>, SandboxError> {
         let empty = self.empty_file(store)?;
         if self.host_mnt.is_none() {
             self.host_mnt = Some(slot::host_mount_ns()?);
@@ -1358,7 +1392,14 @@ impl Sandbox {
                 Some(Ok(u)) => Some(u.gid),
                 _ => None,
             };
-            self.slots[k].ns = Some(slot::SlotNs::create(dir, group, ops)?);
+            match slot::SlotNs::create(dir, group, ops) {
+                Ok(ns) => self.slots[k].ns = Some(ns),
+                Err(e) => {
+                    log::warn!("{e}; sandboxes will not be reused");
+                    self.reuse = false;
+                    return Ok(None);
+                }
+            }
         }
         let host_mnt = self.host_mnt.as_ref().map_or(-1, |f| f.as_raw_fd());
         let real_store = PathBuf::from(&store_dir);
@@ -1381,6 +1422,7 @@ impl Sandbox {
             host_mnt,
             passwd,
             group,
+            root_builder: user.is_none() && is_root(),
             last: last_op(user),
         });
         let setup = match setup {
@@ -1398,7 +1440,7 @@ impl Sandbox {
         };
         self.slots[k].busy = true;
         iso.run.slot = Some(k);
-        Ok(ChildSetup::Sandbox(Box::new(setup)))
+        Ok(Some(ChildSetup::Sandbox(Box::new(setup))))
     }
 }
 
@@ -1409,6 +1451,20 @@ fn root_ops(ops: &mut Vec<Op>, root: &Path) {
         target: cp(root),
         opts: c("mode=0755"),
     });
+}
+
+/// For a builder that is root: `/proc/sys` and `/proc/sysrq-trigger` read-only (root may
+/// write host-wide settings there, such as `kernel.core_pattern`).
+pub(super) fn proc_read_only_ops(ops: &mut Vec<Op>, r: &dyn Fn(&str) -> CString) {
+    for p in ["/proc/sys", "/proc/sysrq-trigger"] {
+        ops.push(Op::Bind {
+            src: r(p),
+            dst: r(p),
+            ro: true,
+            optional: true,
+            copy_symlink: false,
+        });
+    }
 }
 
 /// `p` below the sandbox root `root`, as a C string.
@@ -1438,7 +1494,7 @@ fn etc_user(user: Option<(u32, u32)>) -> (CString, CString) {
 fn last_op(user: Option<(u32, u32)>) -> Option<Op> {
     match user {
         Some((uid, gid)) => Some(Op::SetUser { uid, gid }),
-        None if is_root() => Some(Op::DropSysAdmin),
+        None if is_root() => Some(Op::DropCaps),
         // In a user namespace: root there has no power over the host's mounts.
         None => None,
     }
@@ -1468,6 +1524,14 @@ impl Drop for Sandbox {
     fn drop(&mut self) {
         if let Some(p) = self.empty.take() {
             let _ = fs::remove_file(p);
+        }
+        // Closing a slot's namespaces unmounts what was in them; then its directory goes.
+        for slot in &mut self.slots {
+            if let Some(ns) = slot.ns.take() {
+                let dir = ns.dir.clone();
+                drop(ns);
+                let _ = fsutil::delete_path(&dir);
+            }
         }
     }
 }

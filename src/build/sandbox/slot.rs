@@ -41,6 +41,15 @@ pub(super) const STORE_PARK: &str = "/.hauberk-store";
 /// Where the last build's mounts go to be detached together (a tmpfs mounted per build).
 pub(super) const TRASH: &str = "/.hauberk-trash";
 
+/// Whether `target` lies below what a reused sandbox mounts afresh for each build
+/// (`/tmp`, `/dev/shm`, `/proc`, `/build`): a `--sandbox-paths` entry there would be
+/// hidden, so such a configuration gets a sandbox per build.
+pub(super) fn covered_per_build(target: &Path) -> bool {
+    ["/tmp", "/dev/shm", "/proc", "/build"]
+        .iter()
+        .any(|m| target.starts_with(m))
+}
+
 /// What a store path's mount point in the slot directory is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum EntryKind {
@@ -108,6 +117,8 @@ pub(super) struct SlotBuild<'a> {
     /// `/etc/passwd` and `/etc/group` of this build.
     pub passwd: CString,
     pub group: CString,
+    /// The builder stays root (no build user): `/proc/sys` read-only.
+    pub root_builder: bool,
     /// The last step: switch to a build user, or drop what root must not keep.
     pub last: Option<Op>,
 }
@@ -184,9 +195,33 @@ impl SlotNs {
         store_group: Option<u32>,
         ops: Vec<Op>,
     ) -> Result<SlotNs, SandboxError> {
+        let made = SlotNs::make(&dir, store_group, ops);
+        match made {
+            Ok((mnt, net)) => Ok(SlotNs {
+                mnt,
+                net,
+                dir,
+                current: HashMap::new(),
+                pool: Vec::new(),
+                pool_next: 0,
+                per_build_mounted: false,
+                etc: None,
+            }),
+            Err(e) => {
+                let _ = crate::store::fsutil::delete_path(&dir);
+                Err(e)
+            }
+        }
+    }
+
+    fn make(
+        dir: &Path,
+        store_group: Option<u32>,
+        ops: Vec<Op>,
+    ) -> Result<(OwnedFd, OwnedFd), SandboxError> {
         let store = dir.join("store");
         let pool = dir.join("pool");
-        for d in [&dir, &store, &pool] {
+        for d in [dir, &store, &pool] {
             fs::DirBuilder::new()
                 .mode(0o755)
                 .create(d)
@@ -245,10 +280,9 @@ impl SlotNs {
         while unsafe { libc::waitpid(pid, &mut st, 0) } < 0
             && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted
         {}
-        let (mnt, net) = match opened {
-            Ok(x) => x,
+        match opened {
+            Ok(x) => Ok(x),
             Err(e) => {
-                let _ = crate::store::fsutil::delete_path(&dir);
                 if n > 5 && msg[0] == b'E' {
                     let errno = i32::from_ne_bytes([msg[1], msg[2], msg[3], msg[4]]);
                     return Err(SandboxError::Setup(format!(
@@ -257,19 +291,9 @@ impl SlotNs {
                         io::Error::from_raw_os_error(errno)
                     )));
                 }
-                return Err(io_err("open the namespaces of", keeper)(e));
+                Err(io_err("open the namespaces of", keeper)(e))
             }
-        };
-        Ok(SlotNs {
-            mnt,
-            net,
-            dir,
-            current: HashMap::new(),
-            pool: Vec::new(),
-            pool_next: 0,
-            per_build_mounted: false,
-            etc: None,
-        })
+        }
     }
 
     fn host(&self, sub: &str, name: &str) -> CString {
@@ -464,6 +488,9 @@ impl SlotNs {
             fstype: c("proc"),
             opts: c(""),
         });
+        if b.root_builder {
+            super::proc_read_only_ops(&mut ops, &inside);
+        }
         let etc = (b.passwd, b.group);
         if self.etc.as_ref() != Some(&etc) {
             ops.push(Op::Remount {
@@ -497,8 +524,21 @@ impl SlotNs {
 
     /// After a successful build (outputs already moved out): removes whatever else the
     /// builder left in the store directory, so the next build sees only its closure.
-    pub fn sweep(&self) -> Result<(), SandboxError> {
+    pub fn sweep(&self, real_store: &Path) -> Result<(), SandboxError> {
         let store = self.dir.join("store");
+        // Symbolic links have no read-only mount on them: one a builder replaced must
+        // not reach the next build.
+        for (n, k) in &self.current {
+            if *k == EntryKind::Symlink {
+                let here = fs::read_link(store.join(&**n)).ok();
+                let real = fs::read_link(real_store.join(&**n)).ok();
+                if here.is_none() || here != real {
+                    return Err(SandboxError::Setup(format!(
+                        "input '{n}' was changed in the sandbox"
+                    )));
+                }
+            }
+        }
         for e in fs::read_dir(&store).map_err(io_err("read directory", &store))? {
             let e = e.map_err(io_err("read directory", &store))?;
             let name = e.file_name();

@@ -499,6 +499,12 @@ impl Worker {
             Ok(x) => x,
             Err(f) => {
                 let _ = fsutil::delete_path(&build_dir);
+                // A reused sandbox slot taken for this build is given back (and made
+                // again: its setup may have been half run).
+                let (dir, _) = self
+                    .sandbox
+                    .finish(&mut iso.run, &self.store, &plan.outputs, false);
+                self.cleanup.extend(dir);
                 return Err(f);
             }
         };
