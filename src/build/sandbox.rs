@@ -594,7 +594,7 @@ unsafe fn run_op(op: &Op, fds: &[Cell<libc::c_int>]) -> Result<(), i32> {
                 let attr = MountAttr {
                     attr_set: if *ro { MOUNT_ATTR_RDONLY } else { 0 },
                     attr_clr: 0,
-                    propagation: libc::MS_PRIVATE as u64,
+                    propagation: MS_PRIVATE_ATTR,
                     userns_fd: 0,
                 };
                 sys::sys5(
@@ -655,6 +655,8 @@ const OPEN_TREE_CLONE: libc::c_uint = 1;
 const AT_SYMLINK_NOFOLLOW: libc::c_uint = 0x100;
 const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
 const MOUNT_ATTR_RDONLY: u64 = 0x1;
+/// MS_PRIVATE, as `mount_attr.propagation` takes it (a u64 on every architecture).
+const MS_PRIVATE_ATTR: u64 = 1 << 18;
 /// What a builder that stays root keeps: chown, dac_override, fowner, fsetid, kill,
 /// setgid, setuid, net_bind_service, net_raw, ipc_lock, sys_chroot, audit_write. Gone
 /// are, among others, dac_read_search (`open_by_handle_at` reaches any file), sys_admin
