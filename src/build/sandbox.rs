@@ -259,6 +259,9 @@ pub enum Op {
         target: CString,
         fstype: CString,
         opts: CString,
+        /// Read-only (`/proc` for a builder that is root: `/proc/sys` holds host-wide
+        /// settings such as `kernel.core_pattern`).
+        ro: bool,
     },
     /// Host name `localhost`, domain name `(none)`.
     Hostname,
@@ -521,11 +524,15 @@ unsafe fn run_op(op: &Op, fds: &[Cell<libc::c_int>]) -> Result<(), i32> {
             target,
             fstype,
             opts,
+            ro,
         } => sys::mount(
             sys::p(src),
             target,
             sys::p(fstype),
-            libc::MS_NOSUID | libc::MS_NOEXEC | libc::MS_NODEV,
+            libc::MS_NOSUID
+                | libc::MS_NOEXEC
+                | libc::MS_NODEV
+                | if *ro { libc::MS_RDONLY } else { 0 },
             if opts.as_bytes().is_empty() {
                 0
             } else {
@@ -703,8 +710,9 @@ unsafe fn drop_caps() -> Result<(), i32> {
     for cap in 0..CAP_COUNT {
         if ROOT_BUILDER_CAPS & (1 << cap) == 0 {
             match sys::sys2(libc::SYS_prctl, libc::PR_CAPBSET_DROP as usize, cap) {
+                Ok(_) => {}
                 // Beyond the last capability this kernel knows.
-                Ok(_) | Err(libc::EINVAL) => {}
+                Err(libc::EINVAL) => break,
                 Err(e) => return Err(e),
             }
         }
@@ -1194,10 +1202,8 @@ impl Sandbox {
             target: r("/proc"),
             fstype: c("proc"),
             opts: c(""),
+            ro: user.is_none() && is_root(),
         });
-        if user.is_none() && is_root() {
-            proc_read_only_ops(&mut ops, &r);
-        }
         // The store: the on-disk directory at the store path, then each path of the
         // input closure bound from a read-only view of the real store (binds inherit
         // read-only), then the view is detached.
@@ -1291,6 +1297,7 @@ impl Sandbox {
             target: r("/dev/pts"),
             fstype: c("devpts"),
             opts: c("newinstance,mode=0620,ptmxmode=0666"),
+            ro: false,
         });
         ops.push(Op::Symlink {
             target: c("/dev/pts/ptmx"),
@@ -1455,20 +1462,6 @@ fn root_ops(ops: &mut Vec<Op>, root: &Path) {
     });
 }
 
-/// For a builder that is root: `/proc/sys` and `/proc/sysrq-trigger` read-only (root may
-/// write host-wide settings there, such as `kernel.core_pattern`).
-pub(super) fn proc_read_only_ops(ops: &mut Vec<Op>, r: &dyn Fn(&str) -> CString) {
-    for p in ["/proc/sys", "/proc/sysrq-trigger"] {
-        ops.push(Op::Bind {
-            src: r(p),
-            dst: r(p),
-            ro: true,
-            optional: true,
-            copy_symlink: false,
-        });
-    }
-}
-
 /// `p` below the sandbox root `root`, as a C string.
 fn under(root: &Path, p: &str) -> CString {
     let mut s = root.as_os_str().as_bytes().to_vec();
@@ -1596,6 +1589,7 @@ mod tests {
             target: c("/r/proc"),
             fstype: c("proc"),
             opts: c(""),
+            ro: false,
         }];
         let mut buf = [0u8; 64];
         let n = describe_failure(&ops, 0, &mut buf);

@@ -117,7 +117,7 @@ pub(super) struct SlotBuild<'a> {
     /// `/etc/passwd` and `/etc/group` of this build.
     pub passwd: CString,
     pub group: CString,
-    /// The builder stays root (no build user): `/proc/sys` read-only.
+    /// The builder stays root (no build user): `/proc` read-only.
     pub root_builder: bool,
     /// The last step: switch to a build user, or drop what root must not keep.
     pub last: Option<Op>,
@@ -487,10 +487,8 @@ impl SlotNs {
             target: inside("/proc"),
             fstype: c("proc"),
             opts: c(""),
+            ro: b.root_builder,
         });
-        if b.root_builder {
-            super::proc_read_only_ops(&mut ops, &inside);
-        }
         let etc = (b.passwd, b.group);
         if self.etc.as_ref() != Some(&etc) {
             ops.push(Op::Remount {
