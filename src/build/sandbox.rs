@@ -276,9 +276,8 @@ pub enum Op {
         uid: u32,
         gid: u32,
     },
-    /// For a builder that stays root: drops every capability but those of a file owner
-    /// (see `ROOT_BUILDER_CAPS`) from every capability set and
-    /// the bounding set, so it can neither mount nor leave its namespaces.
+    /// For a builder that stays root: drops every capability, for good (see
+    /// `drop_caps`), so it can neither mount, leave its namespaces nor reach the host.
     DropCaps,
     /// Enters the namespace open as `fd` (a slot's, or the host's mount namespace).
     SetNs {
@@ -664,25 +663,6 @@ const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
 const MOUNT_ATTR_RDONLY: u64 = 0x1;
 /// MS_PRIVATE, as `mount_attr.propagation` takes it (a u64 on every architecture).
 const MS_PRIVATE_ATTR: u64 = 1 << 18;
-/// What a builder that stays root keeps: chown, dac_override, fowner, fsetid, kill,
-/// setgid, setuid, net_bind_service, net_raw, ipc_lock, sys_chroot, audit_write. Gone
-/// are, among others, dac_read_search (`open_by_handle_at` reaches any file), sys_admin
-/// (mounts), net_admin (the slot's loopback), sys_module, sys_rawio, mknod and sys_ptrace.
-const ROOT_BUILDER_CAPS: u64 = (1 << 0)
-    | (1 << 1)
-    | (1 << 3)
-    | (1 << 4)
-    | (1 << 5)
-    | (1 << 6)
-    | (1 << 7)
-    | (1 << 10)
-    | (1 << 13)
-    | (1 << 14)
-    | (1 << 18)
-    | (1 << 29);
-/// Capability numbers are below this (CAP_LAST_CAP is 40 on Linux 6.x).
-const CAP_COUNT: usize = 64;
-
 #[repr(C)]
 struct MountAttr {
     attr_set: u64,
@@ -691,56 +671,28 @@ struct MountAttr {
     userns_fd: u64,
 }
 
-/// Drops every capability not in `ROOT_BUILDER_CAPS` from the bounding set (so exec
-/// cannot give them back to root) and from the effective, permitted and inheritable
-/// sets. Raw system calls.
+/// For a builder that stays root: no capability at all, and none to gain by exec (uid 0
+/// is not special to exec: SECBIT_NOROOT; setuid bits and file capabilities do nothing:
+/// no_new_privs). Like Nix's builders, which have none over the host. Raw system calls.
 unsafe fn drop_caps() -> Result<(), i32> {
     #[repr(C)]
     struct Header {
         version: u32,
         pid: libc::c_int,
     }
-    #[repr(C)]
-    #[derive(Clone, Copy)]
-    struct Data {
-        effective: u32,
-        permitted: u32,
-        inheritable: u32,
-    }
-    for cap in 0..CAP_COUNT {
-        if ROOT_BUILDER_CAPS & (1 << cap) == 0 {
-            match sys::sys2(libc::SYS_prctl, libc::PR_CAPBSET_DROP as usize, cap) {
-                Ok(_) => {}
-                // Beyond the last capability this kernel knows.
-                Err(libc::EINVAL) => break,
-                Err(e) => return Err(e),
-            }
-        }
-    }
-    let mut hdr = Header {
+    // SECBIT_NOROOT, SECBIT_NOROOT_LOCKED, SECBIT_NO_CAP_AMBIENT_RAISE and its lock.
+    const SECBITS: usize = (1 << 0) | (1 << 1) | (1 << 6) | (1 << 7);
+    sys::sys2(libc::SYS_prctl, libc::PR_SET_SECUREBITS as usize, SECBITS)?;
+    sys::sys2(libc::SYS_prctl, libc::PR_SET_NO_NEW_PRIVS as usize, 1)?;
+    let hdr = Header {
         version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
         pid: 0,
     };
-    let mut data = [Data {
-        effective: 0,
-        permitted: 0,
-        inheritable: 0,
-    }; 2];
-    sys::sys2(
-        libc::SYS_capget,
-        &mut hdr as *mut Header as usize,
-        data.as_mut_ptr() as usize,
-    )?;
-    for (i, d) in data.iter_mut().enumerate() {
-        let keep = (ROOT_BUILDER_CAPS >> (32 * i)) as u32;
-        d.effective &= keep;
-        d.permitted &= keep;
-        d.inheritable &= keep;
-    }
+    let none = [0u32; 6];
     sys::sys2(
         libc::SYS_capset,
-        &mut hdr as *mut Header as usize,
-        data.as_ptr() as usize,
+        &hdr as *const Header as usize,
+        none.as_ptr() as usize,
     )
     .map(drop)
 }
