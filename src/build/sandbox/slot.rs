@@ -10,14 +10,15 @@
 //! store path; then pivot_root. The daemon keeps the namespaces open by file descriptor.
 //!
 //! Each build's child (new PID, IPC and UTS namespaces of its own) then:
-//! 1. enters the slot's mount namespace and detaches the last build's `/proc`, `/tmp`,
-//!    `/dev/shm`, `/build` and the store paths that left the closure;
+//! 1. enters the slot's mount namespace and moves the last build's `/proc`, `/dev/shm`,
+//!    `/build` and the store paths that left the closure onto a trash tmpfs;
 //! 2. goes back to the host's mount namespace, removes the stale mount points from the
 //!    slot directory, makes the new ones and clones (`open_tree`) each new store path
-//!    read-only, and the build directory;
-//! 3. enters the slot's mount and network namespaces again, moves the clones into place
-//!    (`move_mount`), mounts a fresh `/proc`, `/tmp` and `/dev/shm`, writes `/etc/passwd`
-//!    and `/etc/group`, and goes on to exec the builder.
+//!    (read-only, private), and the build directory;
+//! 3. enters the slot's mount and network namespaces again, moves the old `/tmp` to the
+//!    trash and detaches the trash in one go, moves the clones into place (`move_mount`),
+//!    mounts a fresh `/proc`, `/tmp` and `/dev/shm`, writes `/etc/passwd` and
+//!    `/etc/group` when the build user changed, and goes on to exec the builder.
 //!
 //! Mount points of directories are recycled through a pool directory by rename (making
 //! and removing inodes is the slow part on most file systems). A slot whose build did not
