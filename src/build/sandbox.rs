@@ -322,6 +322,11 @@ pub enum Op {
         target: CString,
         ro: bool,
     },
+    /// Binds `src` on the existing mount point `dst` (one system call).
+    BindMount {
+        src: CString,
+        dst: CString,
+    },
     /// Moves the mount at `from` (and what is mounted below it) to `to`. A mount whose
     /// root was deleted meanwhile (a finished build's directory) cannot be moved: it is
     /// detached where it is.
@@ -362,6 +367,7 @@ impl Op {
             Op::OpenTree { src, .. } => ("clone the mount of", src.as_bytes()),
             Op::MoveMount { dst, .. } => ("attach a mount on", dst.as_bytes()),
             Op::MoveTree { from, .. } => ("move the mount", from.as_bytes()),
+            Op::BindMount { src, .. } => ("bind", src.as_bytes()),
             Op::Remount { target, .. } => ("remount", target.as_bytes()),
             Op::MakeFile { path } => ("create", path.as_bytes()),
         }
@@ -615,6 +621,7 @@ unsafe fn run_op(op: &Op, fds: &[Cell<libc::c_int>]) -> Result<(), i32> {
             Ok(())
         }
         Op::MakeFile { path } => sys::mknod_file(path, 0),
+        Op::BindMount { src, dst } => sys::mount(sys::p(src), dst, none, libc::MS_BIND, none),
         Op::Remount { target, ro } => sys::mount(
             none,
             target,

@@ -330,7 +330,12 @@ impl SlotNs {
         // 1. In the slot: the last build's mounts and the stale paths are moved under one
         // tmpfs, detached in one go below (each unmount waits for an RCU grace period).
         let stale_mounts = stale.iter().any(|(_, k)| *k != EntryKind::Symlink);
-        let trash = self.per_build_mounted || stale_mounts;
+        let new_mounts = new.iter().any(|(_, k)| *k != EntryKind::Symlink);
+        // The trash also holds, for the length of the setup, one read-only clone of the
+        // store that the new paths are bound from (one `open_tree` per build, not one
+        // per path).
+        let trash = self.per_build_mounted || stale_mounts || new_mounts;
+        let store_clone = c(&format!("{TRASH}/s"));
         // Two mount points in the trash, one for files and one for directories: each
         // mount moved there lands on top of the one before (a stack), and detaching the
         // trash detaches the whole stack.
@@ -356,6 +361,10 @@ impl SlotNs {
             });
             ops.push(Op::Mkdir {
                 path: trash_dir.clone(),
+                mode: 0,
+            });
+            ops.push(Op::Mkdir {
+                path: store_clone.clone(),
                 mode: 0,
             });
             if self.per_build_mounted {
@@ -398,11 +407,23 @@ impl SlotNs {
             ro: false,
         });
         fds += 1;
-        let mut moves = Vec::with_capacity(new.len() + 1);
+        let mut moves = Vec::with_capacity(new.len() + 2);
         moves.push(Op::MoveMount {
             slot: 0,
             dst: inside("/build"),
         });
+        if new_mounts {
+            ops.push(Op::OpenTree {
+                src: cp(b.real_store),
+                slot: fds,
+                ro: true,
+            });
+            moves.push(Op::MoveMount {
+                slot: fds,
+                dst: store_clone.clone(),
+            });
+            fds += 1;
+        }
         for (n, k) in &new {
             let entry = self.host("store", n);
             let src = cp(&b.real_store.join(n));
@@ -427,16 +448,11 @@ impl SlotNs {
                     continue;
                 }
             }
-            ops.push(Op::OpenTree {
-                src,
-                slot: fds,
-                ro: true,
-            });
-            moves.push(Op::MoveMount {
-                slot: fds,
+            // A bind of a read-only, private mount is read-only and private.
+            moves.push(Op::BindMount {
+                src: c(&format!("{TRASH}/s/{n}")),
                 dst: in_store(n),
             });
-            fds += 1;
             self.current.insert((*n).into(), *k);
         }
         // 3. In the slot again: everything in place, fresh /proc, /tmp and /dev/shm.
@@ -460,11 +476,6 @@ impl SlotNs {
         if self.per_build_mounted {
             to_trash(&mut ops, inside("/tmp"), false);
         }
-        if trash {
-            ops.push(Op::Umount {
-                target: inside(TRASH),
-            });
-        }
         for p in ["/tmp", "/dev/shm"] {
             ops.push(Op::Tmpfs {
                 target: inside(p),
@@ -483,6 +494,11 @@ impl SlotNs {
             });
         }
         ops.extend(moves);
+        if trash {
+            ops.push(Op::Umount {
+                target: inside(TRASH),
+            });
+        }
         ops.push(Op::Mount {
             src: c("proc"),
             target: inside("/proc"),
