@@ -414,7 +414,7 @@ impl SandboxSetup {
             flags,
             ops,
             fds: Vec::new(),
-            spawn: SpawnMode::configured(),
+            spawn: SpawnMode::Overlap,
         }
     }
 }
@@ -890,6 +890,8 @@ pub struct Sandbox {
     reuse: bool,
     slots: Vec<slot::Slot>,
     host_mnt: Option<OwnedFd>,
+    /// How sandboxed children are cloned (read once from the environment).
+    spawn: SpawnMode,
 }
 
 /// What a build holds for its isolation: its build user and the on-disk store directory
@@ -968,6 +970,7 @@ impl Sandbox {
             reuse,
             slots: Vec::new(),
             host_mnt: None,
+            spawn: SpawnMode::configured(),
         }
     }
 
@@ -1200,7 +1203,9 @@ impl Sandbox {
         }
         ops.push(Op::PivotRoot { root: cp(&root) });
         ops.extend(last_op(user));
-        Ok(ChildSetup::Sandbox(Box::new(SandboxSetup::new(flags, ops))))
+        let mut setup = SandboxSetup::new(flags, ops);
+        setup.spawn = self.spawn;
+        Ok(ChildSetup::Sandbox(Box::new(setup)))
     }
 
     /// What every sandbox has, below the root `r`: `/tmp`, `/etc` (hosts, or the host's
@@ -1390,22 +1395,19 @@ impl Sandbox {
             host_mnt,
             passwd,
             group,
-            root_builder: user.is_none() && is_root(),
             last: last_op(user),
         });
-        let setup = match setup {
+        let mut setup = match setup {
             Ok(s) => s,
             Err(e) => {
                 // The view may be half planned: make the slot again next time.
-                let gone = self.slots[k].ns.take();
-                if let Some(ns) = gone {
-                    let dir = ns.dir.clone();
-                    drop(ns);
-                    let _ = fsutil::delete_path(&dir);
+                if let Some(ns) = self.slots[k].ns.take() {
+                    ns.remove();
                 }
                 return Err(e);
             }
         };
+        setup.spawn = self.spawn;
         self.slots[k].busy = true;
         iso.run.slot = Some(k);
         Ok(Some(ChildSetup::Sandbox(Box::new(setup))))
@@ -1479,12 +1481,9 @@ impl Drop for Sandbox {
         if let Some(p) = self.empty.take() {
             let _ = fs::remove_file(p);
         }
-        // Closing a slot's namespaces unmounts what was in them; then its directory goes.
         for slot in &mut self.slots {
             if let Some(ns) = slot.ns.take() {
-                let dir = ns.dir.clone();
-                drop(ns);
-                let _ = fsutil::delete_path(&dir);
+                ns.remove();
             }
         }
     }

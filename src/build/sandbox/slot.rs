@@ -118,8 +118,6 @@ pub(super) struct SlotBuild<'a> {
     /// `/etc/passwd` and `/etc/group` of this build.
     pub passwd: CString,
     pub group: CString,
-    /// The builder stays root (no build user): `/proc` read-only.
-    pub root_builder: bool,
     /// The last step: switch to a build user, or drop what root must not keep.
     pub last: Option<Op>,
 }
@@ -504,7 +502,8 @@ impl SlotNs {
             target: inside("/proc"),
             fstype: c("proc"),
             opts: c(""),
-            ro: b.root_builder,
+            // A builder that stays root: `/proc/sys` holds host-wide settings.
+            ro: matches!(b.last, Some(Op::DropCaps)),
         });
         let etc = (b.passwd, b.group);
         if self.etc.as_ref() != Some(&etc) {
@@ -535,6 +534,14 @@ impl SlotNs {
         );
         setup.fds = vec![std::cell::Cell::new(-1); fds];
         Ok(setup)
+    }
+
+    /// Closes the namespaces (which unmounts what was in them), then deletes the slot's
+    /// directory.
+    pub fn remove(self) {
+        let dir = self.dir.clone();
+        drop(self);
+        let _ = crate::store::fsutil::delete_path(&dir);
     }
 
     /// After a successful build (outputs already moved out): removes whatever else the
