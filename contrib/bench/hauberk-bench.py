@@ -101,6 +101,11 @@ def main():
         sys.exit("hauberk build failed: %d" % r.returncode)
     u, s, m = open(os.path.join(d, "time")).read().split()[-3:]
     fb = re.search(r"first-build-ms (\d+)", r.stderr)
+    if os.environ.get("STATS"):
+        with open(os.environ["STATS"], "a") as fh:
+            for line in r.stderr.splitlines():
+                if line.startswith("stats:"):
+                    fh.write("%s %s\n" % (" ".join(a.build_arg or ["--no-sandbox"]), line))
     print("\t".join([a.shape, str(a.n), str(len(nodes)), "%.2f" % add_s, "%.3f" % build_s,
                      "%.1f" % (len(nodes) / build_s), "%.2f" % (float(u) + float(s)),
                      "%.1f" % (int(m) / 1024), fb.group(1) if fb else "-"]))

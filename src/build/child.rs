@@ -5,6 +5,7 @@
 //! git fetches and evaluators all come through here. It knows nothing of what the child
 //! does, of logs or of goals.
 
+use std::cell::Cell;
 use std::ffi::{CString, OsStr};
 use std::fmt;
 use std::io;
@@ -264,6 +265,9 @@ struct ChildArgs {
     die_with_parent: bool,
     parent: libc::pid_t,
     setup: *const ChildSetup,
+    /// Written by the child: when it started, and when it called exec (monotonic ns).
+    started_ns: Cell<u64>,
+    exec_ns: Cell<u64>,
 }
 
 /// The kernel's `struct sigaction` (x86_64 and aarch64): to set SIG_DFL raw.
@@ -291,6 +295,7 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     // reaped.
     let a = unsafe { &*(arg as *const ChildArgs) };
     let (w, w2, e) = (a.out_w, a.stderr_w, a.err_w);
+    a.started_ns.set(sys::monotonic_ns());
     // SAFETY: system calls on descriptors and strings prepared by the parent.
     unsafe {
         // No parent handler may run here: default every signal, then unblock.
@@ -384,6 +389,7 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
             u32::MAX as usize,
             libc::CLOSE_RANGE_CLOEXEC as usize,
         );
+        a.exec_ns.set(sys::monotonic_ns());
         let errno = match sys::sys3(
             libc::SYS_execve,
             a.prog as usize,
@@ -518,6 +524,8 @@ impl Child {
                 die_with_parent: spec.die_with_parent,
                 parent: std::process::id() as libc::pid_t,
                 setup,
+                started_ns: Cell::new(0),
+                exec_ns: Cell::new(0),
             },
             _strings: (prog_c, args_c, env_c, cwd_c, devnull),
             _pointers: (argv, envp),
@@ -579,6 +587,18 @@ impl Child {
             status: None,
             _launch: launch,
         })
+    }
+
+    /// For a child that set up alongside the loop: when it started and when it called
+    /// exec (monotonic nanoseconds, 0 if it did not get there), and its sandbox steps.
+    pub fn setup_timing(&self) -> Option<(u64, u64, &SandboxSetup)> {
+        let launch = &self._launch.as_ref()?.0;
+        match launch.setup.as_deref() {
+            Some(ChildSetup::Sandbox(sb)) => {
+                Some((launch.args.started_ns.get(), launch.args.exec_ns.get(), sb))
+            }
+            _ => None,
+        }
     }
 
     pub fn pid(&self) -> i32 {

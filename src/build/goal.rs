@@ -156,6 +156,9 @@ pub struct RunningBuild {
     pub timed_out: Option<String>,
     /// Its build user and sandbox directory (released and deleted when dropped).
     pub isolation: super::sandbox::SandboxRun,
+    /// When the worker began to start it and when the child was cloned (monotonic ns).
+    pub began_ns: u64,
+    pub spawned_ns: u64,
 }
 
 /// The derivation goal: load → (substitute outputs) → realise inputs → wait for a slot, a

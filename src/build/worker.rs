@@ -22,6 +22,7 @@ use super::logs::LogWriter;
 use super::outputs::{check_outputs, Finished};
 use super::reactor::{Owner, Reactor};
 use super::sandbox::{Sandbox, SandboxConfig, SandboxMode};
+use super::sys;
 use crate::store::drv::Derivation;
 use crate::store::drv_store::read_store_derivation;
 use crate::store::fsutil;
@@ -253,6 +254,30 @@ const SYNC_FILES_MAX: u64 = 8;
 const REGISTER_KEY: u64 = u64::MAX;
 const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
+/// Where the time of the successful builds went, summed: the worker's work before the
+/// clone, the child's setup until exec (sandbox children that set up alongside the loop;
+/// otherwise none), the builder's run until reaped, and the worker's work after it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BuildTimings {
+    pub builds: u64,
+    pub prep_ns: u64,
+    pub setup_ns: u64,
+    pub run_ns: u64,
+    pub finish_ns: u64,
+}
+
+impl BuildTimings {
+    /// Adds one build from its monotonic times: began, spawned, exec, reaped, finished.
+    fn add(&mut self, t: [u64; 5]) {
+        let d = |i: usize| t[i + 1].saturating_sub(t[i]);
+        self.builds += 1;
+        self.prep_ns += d(0);
+        self.setup_ns += d(1);
+        self.run_ns += d(2);
+        self.finish_ns += d(3);
+    }
+}
+
 pub struct Worker {
     store: LocalStore,
     cfg: WorkerConfig,
@@ -288,6 +313,7 @@ pub struct Worker {
     timed_out: bool,
     hash_mismatch: bool,
     sandbox: Sandbox,
+    timings: BuildTimings,
 }
 
 fn io_msg(e: impl fmt::Display) -> Failure {
@@ -326,7 +352,13 @@ impl Worker {
             permanent_failure: false,
             timed_out: false,
             hash_mismatch: false,
+            timings: BuildTimings::default(),
         }
+    }
+
+    /// Where the time of the successful builds went so far.
+    pub fn timings(&self) -> BuildTimings {
+        self.timings
     }
 
     pub fn store(&self) -> &LocalStore {

@@ -432,13 +432,25 @@ pub fn build(g: &Global, args: &[String]) -> CliResult {
     );
     term.borrow_mut().finish();
     if stats {
+        let t = worker.timings();
+        let us = |ns: u64| ns / 1000 / t.builds.max(1);
         eprintln!(
-            "stats: goals {} first-build-ms {} total-ms {} rss-kib {} (at start {})",
+            "stats: per build (us): prep {} setup {} run {} finish {}",
+            us(t.prep_ns),
+            us(t.setup_ns),
+            us(t.run_ns),
+            us(t.finish_ns)
+        );
+        eprintln!(
+            "stats: goals {} first-build-ms {} total-ms {} rss-kib {} (at start {}) \
+             cpu-self-ms {} cpu-children-ms {}",
             peak_goals,
             first_build.map_or(-1, |d| d.as_millis() as i64),
             t0.elapsed().as_millis(),
             rss_kib(),
-            rss_before
+            rss_before,
+            cpu_ms(libc::RUSAGE_SELF),
+            cpu_ms(libc::RUSAGE_CHILDREN)
         );
     }
     match result {
@@ -471,6 +483,17 @@ pub fn build(g: &Global, args: &[String]) -> CliResult {
         message: format!("build of {} failed", failed.join(", ")),
         code: worker.exit_status(),
     })
+}
+
+/// User plus system CPU time of this process or of its reaped children, in milliseconds.
+fn cpu_ms(who: libc::c_int) -> u64 {
+    // SAFETY: getrusage writes only into the zeroed struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(who, &mut ru) } != 0 {
+        return 0;
+    }
+    let ms = |t: libc::timeval| t.tv_sec as u64 * 1000 + t.tv_usec as u64 / 1000;
+    ms(ru.ru_utime) + ms(ru.ru_stime)
 }
 
 fn rss_kib() -> u64 {

@@ -533,6 +533,7 @@ impl SlotNs {
             ops,
         );
         setup.fds = vec![std::cell::Cell::new(-1); fds];
+        setup.time_steps();
         Ok(setup)
     }
 

@@ -434,6 +434,7 @@ impl Worker {
         plan: &Plan,
         locks: PathLocks,
     ) -> Result<Started, Failure> {
+        let began_ns = sys::monotonic_ns();
         let drv = self.load_drv(drv_path)?;
         if drv.platform != self.cfg.system.as_bytes() {
             return Err(Failure::new(
@@ -490,12 +491,13 @@ impl Worker {
                 )
                 .map_err(io_msg)?;
             let child = Child::spawn(&spec, reactor, Owner::Worker).map_err(io_msg)?;
+            let spawned_ns = sys::monotonic_ns();
             // Created while the builder already runs (its output waits in the pipe);
             // on failure the child is killed when dropped.
             let log = LogWriter::create(self.store.state_dir(), drv_path).map_err(io_msg)?;
-            Ok((log, child))
+            Ok((log, child, spawned_ns))
         })();
-        let (log, child) = match prepared {
+        let (log, child, spawned_ns) = match prepared {
             Ok(x) => x,
             Err(f) => {
                 let _ = fsutil::delete_path(&build_dir);
@@ -520,15 +522,28 @@ impl Worker {
             last_output: now,
             timed_out: None,
             isolation: iso.run,
+            began_ns,
+            spawned_ns,
         })))
     }
 
     /// The child is reaped and its pipe closed: judge the build.
     pub(super) fn finish_build(&mut self, id: GoalId) {
+        let reaped_ns = sys::monotonic_ns();
         let DrvState::Building { plan, build } = self.take_drv_state(id) else {
             return;
         };
         let drv_path = self.drv_path(id);
+        let mut exec_ns = build.spawned_ns;
+        if let Some((started, exec, setup)) = build.child.setup_timing() {
+            exec_ns = exec.max(build.spawned_ns);
+            log::debug!(
+                "sandbox setup of '{}': {}us ({})",
+                self.store.print(&drv_path),
+                exec_ns.saturating_sub(started) / 1000,
+                setup.timing_summary(started)
+            );
+        }
         let RunningBuild {
             drv,
             child,
@@ -538,6 +553,8 @@ impl Worker {
             input_roots,
             timed_out,
             mut isolation,
+            began_ns,
+            spawned_ns,
             ..
         } = *build;
         let close = log.close();
@@ -603,7 +620,15 @@ impl Worker {
             input_roots: &input_roots,
             build_uid,
         };
-        match check_outputs(&finished, &mut self.graph) {
+        let checked = check_outputs(&finished, &mut self.graph);
+        self.timings.add([
+            began_ns,
+            spawned_ns,
+            exec_ns,
+            reaped_ns,
+            sys::monotonic_ns(),
+        ]);
+        match checked {
             Ok((infos, entries)) => {
                 for i in &infos {
                     let refs: Vec<StorePath> = i.references.iter().cloned().collect();
