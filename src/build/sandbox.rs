@@ -449,7 +449,7 @@ impl SandboxSetup {
             }
             prev = t;
         }
-        kinds.sort_by(|a, b| b.1.cmp(&a.1));
+        kinds.sort_by_key(|k| std::cmp::Reverse(k.1));
         let parts: Vec<String> = kinds
             .iter()
             .map(|(w, ns, n)| format!("{w} {}us x{n}", ns / 1000))
