@@ -296,6 +296,11 @@ pub enum Op {
         from: CString,
         to: CString,
     },
+    /// Sets the times of `path` to now: a mark in the event stream of a watched
+    /// directory (what follows it is the builder's doing).
+    Touch {
+        path: CString,
+    },
     /// Makes `dst` a symbolic link with the target of the link `src`.
     CopySymlink {
         src: CString,
@@ -364,6 +369,7 @@ impl Op {
             Op::Rename { from, .. } => ("rename", from.as_bytes()),
             Op::Link { to, .. } => ("create link", to.as_bytes()),
             Op::CopySymlink { dst, .. } => ("create symlink", dst.as_bytes()),
+            Op::Touch { path } => ("set the times of", path.as_bytes()),
             Op::OpenTree { src, .. } => ("clone the mount of", src.as_bytes()),
             Op::MoveMount { dst, .. } => ("attach a mount on", dst.as_bytes()),
             Op::MoveTree { from, .. } => ("move the mount", from.as_bytes()),
@@ -586,6 +592,11 @@ unsafe fn run_op(op: &Op, fds: &[Cell<libc::c_int>]) -> Result<(), i32> {
                 sys::p(opts)
             },
         ),
+        Op::Touch { path } => sys::call(
+            libc::SYS_utimensat,
+            [libc::AT_FDCWD as isize as usize, sys::p(path), 0, 0, 0, 0],
+        )
+        .map(drop),
         Op::Hostname => {
             sys::sys2(libc::SYS_sethostname, sys::p(c"localhost"), 9)?;
             sys::sys2(libc::SYS_setdomainname, sys::p(c"(none)"), 6).map(drop)
@@ -965,6 +976,27 @@ impl Drop for SandboxRun {
     }
 }
 
+/// What [`Sandbox::finish`] leaves to the worker.
+#[derive(Debug)]
+pub struct Released {
+    /// Directories to delete once new builds have started.
+    pub later: Vec<PathBuf>,
+    /// The sandbox slot keeps the build directory (and hands it back through `later` of
+    /// a later call): the worker must not delete it.
+    pub build_dir_held: bool,
+    pub result: Result<(), SandboxError>,
+}
+
+impl Released {
+    fn now(result: Result<(), SandboxError>) -> Released {
+        Released {
+            later: Vec::new(),
+            build_dir_held: false,
+            result,
+        }
+    }
+}
+
 /// What [`Sandbox::begin`] decided for a build.
 #[derive(Debug)]
 pub enum Begin {
@@ -1018,15 +1050,16 @@ impl Sandbox {
 
     /// After the builder was reaped: kills what is left of the build user and moves the
     /// outputs the builder wrote inside the sandbox to their store paths. A reused slot is
-    /// given back (and thrown away unless the build `succeeded` and this went well).
-    /// Returns a directory to delete later, and what went wrong.
+    /// given back (and thrown away unless the build `succeeded` and this went well); after
+    /// a success it keeps `build_dir` until the next build in it.
     pub fn finish(
         &mut self,
         run: &mut SandboxRun,
         store: &LocalStore,
         outputs: &[(Box<str>, StorePath)],
         succeeded: bool,
-    ) -> (Option<PathBuf>, Result<(), SandboxError>) {
+        build_dir: &Path,
+    ) -> Released {
         let killed = match &run.user {
             Some(u) => kill_user(u.uid),
             None => Ok(()),
@@ -1037,7 +1070,7 @@ impl Sandbox {
             None => run.chroot_store.take(),
         };
         let Some(dir) = dir else {
-            return (None, killed);
+            return Released::now(killed);
         };
         let mut moved = Ok(());
         for (_, p) in outputs {
@@ -1052,20 +1085,41 @@ impl Sandbox {
         }
         let result = killed.and(moved);
         let Some(k) = slot else {
-            return (Some(dir), result);
+            return Released {
+                later: vec![dir],
+                build_dir_held: false,
+                result,
+            };
         };
         let s = &mut self.slots[k];
         s.busy = false;
         if result.is_ok() && succeeded {
             let real_store = Path::new(store.store_dir().as_str());
-            match s.ns.as_ref().map(|ns| ns.sweep(real_store)) {
-                Some(Ok(())) => return (None, result),
-                Some(Err(e)) => log::warn!("{e}; the sandbox slot is made again"),
-                None => {}
+            if let Some(ns) = s.ns.as_mut() {
+                match ns.sweep(real_store).and_then(|()| ns.release(build_dir)) {
+                    Ok(before) => {
+                        return Released {
+                            later: before.into_iter().collect(),
+                            build_dir_held: true,
+                            result,
+                        }
+                    }
+                    Err(e) => log::warn!("{e}; the sandbox slot is made again"),
+                }
             }
         }
-        // Closing the namespaces unmounts everything; the directory goes later.
-        (s.ns.take().map(|ns| ns.dir.clone()), result)
+        // Closing the namespaces unmounts everything; the directories go later.
+        let mut later = Vec::new();
+        if let Some(mut ns) = s.ns.take() {
+            later.extend(ns.take_held_build_dir());
+            later.push(ns.dir.clone());
+            drop(ns);
+        }
+        Released {
+            later,
+            build_dir_held: false,
+            result,
+        }
     }
 
     /// Decides how `drv` is isolated and takes a build user; [`Begin::UsersBusy`] when
@@ -1385,9 +1439,15 @@ impl Sandbox {
                 optional: false,
                 copy_symlink: false,
             });
+            // The builds' trash lies below a directory that no builder may enter (one
+            // that stays root cannot: it is not the owner and has no capabilities).
             ops.push(Op::Mkdir {
                 path: r(slot::TRASH),
                 mode: 0,
+            });
+            ops.push(Op::Tmpfs {
+                target: r(slot::TRASH),
+                opts: c(slot::TRASH_OPTS),
             });
             if Path::new(&store_dir).starts_with("/tmp") {
                 // Where the store waits while each build gets a fresh /tmp.

@@ -34,13 +34,19 @@ use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use super::{c, cp, describe_failure, io_err, run_ops, Op, SandboxError, SandboxSetup};
+use crate::build::sys;
 
 /// Where a store below /tmp is parked while a build gets a fresh /tmp (made by the
 /// keeper only for such stores).
 pub(super) const STORE_PARK: &str = "/.hauberk-store";
 
-/// Where the last build's mounts go to be detached together (a tmpfs mounted per build).
+/// Where each build's trash goes: `TRASH/<n>`, a tmpfs that the last build's mounts are
+/// moved to and that the slot's keeper detaches once the build is over.
 pub(super) const TRASH: &str = "/.hauberk-trash";
+
+/// The tmpfs at `TRASH`: no access, owned by `nobody` (a builder that stays root is not
+/// its owner, so it cannot change that; build users are never `nobody`).
+pub(super) const TRASH_OPTS: &str = "mode=0,uid=65534,gid=65534";
 
 /// Whether `target` lies below what a reused sandbox mounts afresh for each build
 /// (`/tmp`, `/dev/shm`, `/proc`, `/build`): a `--sandbox-paths` entry there would be
@@ -82,6 +88,16 @@ impl EntryKind {
 pub(super) struct SlotNs {
     mnt: OwnedFd,
     net: OwnedFd,
+    /// Detaches each build's trash after it (and holds the namespaces too).
+    keeper: Keeper,
+    /// Events of the slot's store directory: what a builder did there.
+    watch: StoreWatch,
+    /// The number of the next build's trash, and the trash of the build now running.
+    trash_next: u64,
+    trash: Option<u64>,
+    /// The last build's directory: still mounted at `/build` until the next build moves
+    /// it to its trash (deleted before that, it could not be moved).
+    held_build_dir: Option<PathBuf>,
     /// The slot directory on the store's file system: `store/` (bound at the store path
     /// inside, where outputs are written) and `pool/` (spare directory mount points).
     pub dir: PathBuf,
@@ -125,36 +141,120 @@ pub(super) struct SlotBuild<'a> {
 struct KeeperArgs {
     setup: SandboxSetup,
     ready_w: RawFd,
-    go_r: RawFd,
-    go_w: RawFd,
+    cmd_r: RawFd,
 }
 
-/// The keeper: runs the slot's one-time steps, reports, then waits for the parent to
-/// have opened its namespaces. System calls only.
+/// Writes `/.hauberk-trash/<id>` into `buf` (NUL-terminated) without allocating.
+fn trash_path(id: u64, buf: &mut [u8; 48]) -> &std::ffi::CStr {
+    let prefix = TRASH.as_bytes();
+    buf[..prefix.len()].copy_from_slice(prefix);
+    buf[prefix.len()] = b'/';
+    let mut digits = [0u8; 20];
+    let (mut n, mut len) = (id, 0);
+    loop {
+        digits[len] = b'0' + (n % 10) as u8;
+        len += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    let start = prefix.len() + 1;
+    for i in 0..len {
+        buf[start + i] = digits[len - 1 - i];
+    }
+    buf[start + len] = 0;
+    std::ffi::CStr::from_bytes_with_nul(&buf[..start + len + 1]).unwrap_or(c"/")
+}
+
+/// The keeper: runs the slot's one-time steps and reports; then, for the life of the
+/// slot, detaches the trash of each finished build when the daemon sends its number
+/// (unmounting waits for an RCU grace period: here it keeps neither the daemon nor the
+/// next build waiting). Exits when the daemon closes the command pipe. System calls only.
 extern "C" fn keeper_main(arg: *mut libc::c_void) -> libc::c_int {
     // SAFETY: `arg` points to the parent's KeeperArgs; without CLONE_VM the child has its
     // own copy of it. Only system calls follow.
     unsafe {
         let a = &*(arg as *const KeeperArgs);
-        libc::close(a.go_w);
-        match run_ops(&a.setup) {
-            Ok(()) => {
-                libc::write(a.ready_w, b"K".as_ptr().cast(), 1);
-                let mut b = [0u8; 1];
-                while libc::read(a.go_r, b.as_mut_ptr().cast(), 1) < 0
-                    && *libc::__errno_location() == libc::EINTR
-                {}
-                0
-            }
-            Err((i, errno)) => {
-                let mut msg = [0u8; 512];
-                msg[0] = b'E';
-                msg[1..5].copy_from_slice(&errno.to_ne_bytes());
-                let n = describe_failure(&a.setup.ops, i, &mut msg[5..]);
-                libc::write(a.ready_w, msg.as_ptr().cast(), 5 + n);
-                1
+        let _ = sys::sys2(
+            libc::SYS_prctl,
+            libc::PR_SET_PDEATHSIG as usize,
+            libc::SIGKILL as usize,
+        );
+        // Nothing of the daemon's but the two pipes: another build's output pipe held
+        // here would never reach end of file.
+        let (lo, hi) = (
+            a.ready_w.min(a.cmd_r) as usize,
+            a.ready_w.max(a.cmd_r) as usize,
+        );
+        for (from, to) in [(3, lo - 1), (lo + 1, hi - 1), (hi + 1, u32::MAX as usize)] {
+            if from <= to {
+                let _ = sys::sys3(libc::SYS_close_range, from, to, 0);
             }
         }
+        if let Err((i, errno)) = run_ops(&a.setup) {
+            let mut msg = [0u8; 512];
+            msg[0] = b'E';
+            msg[1..5].copy_from_slice(&errno.to_ne_bytes());
+            let n = describe_failure(&a.setup.ops, i, &mut msg[5..]);
+            let _ = sys::write(a.ready_w, &msg[..5 + n]);
+            return 1;
+        }
+        let _ = sys::write(a.ready_w, b"K");
+        sys::close(a.ready_w);
+        let mut ids = [0u8; 8 * 64];
+        let mut path = [0u8; 48];
+        loop {
+            let n = match sys::sys3(
+                libc::SYS_read,
+                a.cmd_r as usize,
+                ids.as_mut_ptr() as usize,
+                ids.len(),
+            ) {
+                Ok(0) => return 0,
+                Ok(n) => n,
+                Err(libc::EINTR) => continue,
+                Err(_) => return 1,
+            };
+            // Writes of 8 bytes to a pipe are atomic: reads return whole numbers.
+            for chunk in ids[..n - n % 8].chunks_exact(8) {
+                let mut id = [0u8; 8];
+                id.copy_from_slice(chunk);
+                let p = trash_path(u64::from_ne_bytes(id), &mut path);
+                let _ = sys::umount2(p, libc::MNT_DETACH);
+                let _ = sys::rmdir(p);
+            }
+        }
+    }
+}
+
+/// The slot's keeper process and the pipe that sends it trash numbers. Dropping it closes
+/// the pipe and waits for the keeper to exit (its namespaces go with it).
+#[derive(Debug)]
+struct Keeper {
+    pid: libc::pid_t,
+    cmd: Option<OwnedFd>,
+}
+
+impl Keeper {
+    /// Asks the keeper to detach the trash `id`; false if it cannot be sent.
+    fn detach(&self, id: u64) -> bool {
+        let Some(cmd) = &self.cmd else { return false };
+        // SAFETY: a write of a stack buffer to our (non-blocking) pipe.
+        let n = unsafe { libc::write(cmd.as_raw_fd(), id.to_ne_bytes().as_ptr().cast(), 8) };
+        n == 8
+    }
+}
+
+impl Drop for Keeper {
+    fn drop(&mut self) {
+        // The keeper reads end of file and exits.
+        drop(self.cmd.take());
+        let mut st = 0;
+        // SAFETY: waiting for our own child.
+        while unsafe { libc::waitpid(self.pid, &mut st, 0) } < 0
+            && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted
+        {}
     }
 }
 
@@ -185,6 +285,102 @@ pub(super) fn host_mount_ns() -> Result<OwnedFd, SandboxError> {
         .map_err(io_err("open", Path::new("/proc/self/ns/mnt")))
 }
 
+/// An inotify watch on a slot's store directory. The child marks the end of its own
+/// changes there by setting the directory's times (`Op::Touch`); what follows the mark is
+/// the builder's doing, so after a build only the names it touched are looked at instead
+/// of listing the directory (as many entries as the closure has paths).
+#[derive(Debug)]
+struct StoreWatch {
+    fd: OwnedFd,
+}
+
+/// What a builder did in the store directory, read from the watch.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Touched {
+    /// Entries created, deleted or renamed after the mark.
+    names: Vec<std::ffi::OsString>,
+    /// The directory itself changed after the mark (mode, owner, times, attributes).
+    dir_changed: bool,
+}
+
+impl StoreWatch {
+    const MASK: u32 = libc::IN_CREATE
+        | libc::IN_DELETE
+        | libc::IN_MOVED_FROM
+        | libc::IN_MOVED_TO
+        | libc::IN_ATTRIB
+        | libc::IN_DELETE_SELF
+        | libc::IN_MOVE_SELF
+        | libc::IN_ONLYDIR;
+
+    fn new(dir: &Path) -> io::Result<StoreWatch> {
+        // SAFETY: a fresh descriptor, owned below.
+        let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: as above.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let p = cp(dir);
+        // SAFETY: a watch on a NUL-terminated path.
+        if unsafe { libc::inotify_add_watch(fd.as_raw_fd(), p.as_ptr(), Self::MASK) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(StoreWatch { fd })
+    }
+
+    /// Reads every pending event. `None` when they cannot tell what happened (the queue
+    /// overflowed, or the mark is missing): then the directory must be listed.
+    fn drain(&self) -> io::Result<Option<Touched>> {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut marked = false;
+        let mut lost = false;
+        let mut touched = Touched::default();
+        let header = std::mem::size_of::<libc::inotify_event>();
+        loop {
+            // SAFETY: reading into our buffer.
+            let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                match e.kind() {
+                    io::ErrorKind::WouldBlock => break,
+                    io::ErrorKind::Interrupted => continue,
+                    _ => return Err(e),
+                }
+            }
+            let n = n as usize;
+            let mut at = 0;
+            while at + header <= n {
+                // SAFETY: the kernel wrote a whole event at `at` (reads return whole
+                // events); read_unaligned copes with any alignment.
+                let ev: libc::inotify_event =
+                    unsafe { std::ptr::read_unaligned(buf[at..].as_ptr().cast()) };
+                let len = ev.len as usize;
+                let raw = &buf[at + header..(at + header + len).min(n)];
+                let name = &raw[..raw.iter().position(|&b| b == 0).unwrap_or(raw.len())];
+                at += header + len;
+                if ev.mask & libc::IN_Q_OVERFLOW != 0 {
+                    lost = true;
+                } else if name.is_empty() {
+                    // The directory itself: the first change of its times is the mark.
+                    if marked {
+                        touched.dir_changed = true;
+                    } else if ev.mask & libc::IN_ATTRIB != 0 {
+                        marked = true;
+                    } else {
+                        touched.dir_changed = true;
+                    }
+                } else if marked {
+                    touched
+                        .names
+                        .push(std::ffi::OsStr::from_bytes(name).to_os_string());
+                }
+            }
+        }
+        Ok(if lost || !marked { None } else { Some(touched) })
+    }
+}
+
 impl SlotNs {
     /// Makes a slot: the directory `dir` (with `store/` owned by `owner` as Nix's
     /// chroot store: root, the build group, 1775) and the namespaces, from the keeper
@@ -196,9 +392,14 @@ impl SlotNs {
     ) -> Result<SlotNs, SandboxError> {
         let made = SlotNs::make(&dir, store_group, ops);
         match made {
-            Ok((mnt, net)) => Ok(SlotNs {
+            Ok((mnt, net, keeper, watch)) => Ok(SlotNs {
                 mnt,
                 net,
+                keeper,
+                watch,
+                trash_next: 0,
+                trash: None,
+                held_build_dir: None,
                 dir,
                 current: HashMap::new(),
                 pool: Vec::new(),
@@ -217,7 +418,7 @@ impl SlotNs {
         dir: &Path,
         store_group: Option<u32>,
         ops: Vec<Op>,
-    ) -> Result<(OwnedFd, OwnedFd), SandboxError> {
+    ) -> Result<(OwnedFd, OwnedFd, Keeper, StoreWatch), SandboxError> {
         let store = dir.join("store");
         let pool = dir.join("pool");
         for d in [dir, &store, &pool] {
@@ -232,14 +433,14 @@ impl SlotNs {
             fs::set_permissions(&store, fs::Permissions::from_mode(0o1775))
                 .map_err(io_err("change mode of", &store))?;
         }
-        let keeper = Path::new("sandbox slot");
-        let (ready_r, ready_w) = pipe().map_err(io_err("create pipe for", keeper))?;
-        let (go_r, go_w) = pipe().map_err(io_err("create pipe for", keeper))?;
+        let watch = StoreWatch::new(&store).map_err(io_err("watch", &store))?;
+        let what = Path::new("sandbox slot");
+        let (ready_r, ready_w) = pipe().map_err(io_err("create pipe for", what))?;
+        let (cmd_r, cmd_w) = pipe().map_err(io_err("create pipe for", what))?;
         let args = KeeperArgs {
             setup: SandboxSetup::new(libc::CLONE_NEWNS | libc::CLONE_NEWNET, ops),
             ready_w: ready_w.as_raw_fd(),
-            go_r: go_r.as_raw_fd(),
-            go_w: go_w.as_raw_fd(),
+            cmd_r: cmd_r.as_raw_fd(),
         };
         let mut stack = vec![0u8; 64 * 1024];
         // SAFETY: the stack top is inside `stack`, 16-byte aligned; without CLONE_VM the
@@ -254,12 +455,17 @@ impl SlotNs {
             )
         };
         if pid < 0 {
-            return Err(io_err("create namespaces for", keeper)(
+            return Err(io_err("create namespaces for", what)(
                 io::Error::last_os_error(),
             ));
         }
         drop(ready_w);
-        drop(go_r);
+        drop(cmd_r);
+        // From here on, dropping the keeper closes its pipe and reaps it.
+        let keeper = Keeper {
+            pid,
+            cmd: Some(cmd_w),
+        };
         let mut msg = [0u8; 512];
         let n = loop {
             // SAFETY: reading into a stack buffer.
@@ -269,19 +475,23 @@ impl SlotNs {
             }
         };
         let opened = if n == 1 && msg[0] == b'K' {
-            open_ns(pid, "mnt").and_then(|m| Ok((m, open_ns(pid, "net")?)))
+            open_ns(pid, "mnt")
+                .and_then(|m| Ok((m, open_ns(pid, "net")?)))
+                .and_then(|ns| {
+                    let fd = keeper.cmd.as_ref().map_or(-1, |f| f.as_raw_fd());
+                    // SAFETY: fcntl on our own descriptor.
+                    if unsafe { libc::fcntl(fd, libc::F_SETFL, libc::O_NONBLOCK) } < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Ok(ns)
+                })
         } else {
             Err(io::Error::other("the slot keeper failed"))
         };
-        drop(go_w);
-        let mut st = 0;
-        // SAFETY: waiting for our own child, which exits right after the pipe closed.
-        while unsafe { libc::waitpid(pid, &mut st, 0) } < 0
-            && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted
-        {}
         match opened {
-            Ok(x) => Ok(x),
+            Ok((mnt, net)) => Ok((mnt, net, keeper, watch)),
             Err(e) => {
+                drop(keeper);
                 if n > 5 && msg[0] == b'E' {
                     let errno = i32::from_ne_bytes([msg[1], msg[2], msg[3], msg[4]]);
                     return Err(SandboxError::Setup(format!(
@@ -290,7 +500,7 @@ impl SlotNs {
                         io::Error::from_raw_os_error(errno)
                     )));
                 }
-                Err(io_err("open the namespaces of", keeper)(e))
+                Err(io_err("open the namespaces of", what)(e))
             }
         }
     }
@@ -325,40 +535,48 @@ impl SlotNs {
             }
         }
         let mut ops = Vec::with_capacity(16 + 3 * (stale.len() + new.len()));
-        // 1. In the slot: the last build's mounts and the stale paths are moved under one
-        // tmpfs, detached in one go below (each unmount waits for an RCU grace period).
+        // 1. In the slot: the last build's mounts and the stale paths are moved under a
+        // tmpfs of this build's own, the trash, which the keeper detaches in one go once
+        // this build is over (unmounting waits for an RCU grace period). The trash lies
+        // below a directory no builder may enter.
         let stale_mounts = stale.iter().any(|(_, k)| *k != EntryKind::Symlink);
         let new_mounts = new.iter().any(|(_, k)| *k != EntryKind::Symlink);
-        // The trash also holds, for the length of the setup, one read-only clone of the
-        // store that the new paths are bound from (one `open_tree` per build, not one
-        // per path).
+        // The trash also holds one read-only clone of the store that the new paths are
+        // bound from (one `open_tree` per build, not one per path).
         let trash = self.per_build_mounted || stale_mounts || new_mounts;
-        let store_clone = c(&format!("{TRASH}/s"));
+        let trash_dir = format!("{TRASH}/{}", self.trash_next);
+        let store_clone = c(&format!("{trash_dir}/s"));
         // Two mount points in the trash, one for files and one for directories: each
         // mount moved there lands on top of the one before (a stack), and detaching the
         // trash detaches the whole stack.
-        let (trash_file, trash_dir) = (c(&format!("{TRASH}/f")), c(&format!("{TRASH}/d")));
+        let (trash_f, trash_d) = (c(&format!("{trash_dir}/f")), c(&format!("{trash_dir}/d")));
         let to_trash = |ops: &mut Vec<Op>, from: CString, file: bool| {
-            let to = if file { &trash_file } else { &trash_dir };
+            let to = if file { &trash_f } else { &trash_d };
             ops.push(Op::MoveTree {
                 from,
                 to: to.clone(),
             });
         };
         if trash {
+            self.trash = Some(self.trash_next);
+            self.trash_next += 1;
             ops.push(Op::SetNs {
                 fd: self.mnt.as_raw_fd(),
                 nstype: libc::CLONE_NEWNS,
             });
+            ops.push(Op::Mkdir {
+                path: c(&trash_dir),
+                mode: 0,
+            });
             ops.push(Op::Tmpfs {
-                target: inside(TRASH),
+                target: c(&trash_dir),
                 opts: c("mode=0"),
             });
             ops.push(Op::MakeFile {
-                path: trash_file.clone(),
+                path: trash_f.clone(),
             });
             ops.push(Op::Mkdir {
-                path: trash_dir.clone(),
+                path: trash_d.clone(),
                 mode: 0,
             });
             ops.push(Op::Mkdir {
@@ -448,11 +666,15 @@ impl SlotNs {
             }
             // A bind of a read-only, private mount is read-only and private.
             moves.push(Op::BindMount {
-                src: c(&format!("{TRASH}/s/{n}")),
+                src: c(&format!("{trash_dir}/s/{n}")),
                 dst: in_store(n),
             });
             self.current.insert((*n).into(), *k);
         }
+        // The mark: what the store directory's watch sees after it is the builder's.
+        ops.push(Op::Touch {
+            path: self.host("store", "."),
+        });
         // 3. In the slot again: everything in place, fresh /proc, /tmp and /dev/shm.
         ops.push(Op::SetNs {
             fd: self.mnt.as_raw_fd(),
@@ -492,11 +714,6 @@ impl SlotNs {
             });
         }
         ops.extend(moves);
-        if trash {
-            ops.push(Op::Umount {
-                target: inside(TRASH),
-            });
-        }
         ops.push(Op::Mount {
             src: c("proc"),
             target: inside("/proc"),
@@ -538,32 +755,100 @@ impl SlotNs {
     }
 
     /// Closes the namespaces (which unmounts what was in them), then deletes the slot's
-    /// directory.
-    pub fn remove(self) {
-        let dir = self.dir.clone();
+    /// directory and the build directory it held.
+    pub fn remove(mut self) {
+        let dirs = [Some(self.dir.clone()), self.held_build_dir.take()];
         drop(self);
-        let _ = crate::store::fsutil::delete_path(&dir);
+        for d in dirs.iter().flatten() {
+            let _ = crate::store::fsutil::delete_path(d);
+        }
+    }
+
+    /// After a successful build: asks the keeper to detach the build's trash, and holds
+    /// `build_dir` (mounted at `/build` until the next build moves it away). Returns the
+    /// build directory held before, now free to delete.
+    pub fn release(&mut self, build_dir: &Path) -> Result<Option<PathBuf>, SandboxError> {
+        if let Some(id) = self.trash.take() {
+            if !self.keeper.detach(id) {
+                return Err(SandboxError::Setup(format!(
+                    "cannot reach the keeper of sandbox slot {}",
+                    self.dir.display()
+                )));
+            }
+        }
+        Ok(self.held_build_dir.replace(build_dir.to_path_buf()))
+    }
+
+    /// The build directory this slot holds, if any (to delete with the slot).
+    pub fn take_held_build_dir(&mut self) -> Option<PathBuf> {
+        self.held_build_dir.take()
     }
 
     /// After a successful build (outputs already moved out): removes whatever else the
     /// builder left in the store directory, so the next build sees only its closure.
+    /// Looks only at the names the builder touched, when the watch can tell them.
     pub fn sweep(&self, real_store: &Path) -> Result<(), SandboxError> {
         let store = self.dir.join("store");
-        // Symbolic links have no read-only mount on them: one a builder replaced must
-        // not reach the next build.
-        for (n, k) in &self.current {
-            if *k == EntryKind::Symlink {
-                let here = fs::read_link(store.join(&**n)).ok();
-                let real = fs::read_link(real_store.join(&**n)).ok();
-                if here.is_none() || here != real {
+        let touched = self.watch.drain().map_err(io_err("watch", &store))?;
+        let Some(touched) = touched else {
+            return self.sweep_all(real_store, &store);
+        };
+        if touched.dir_changed {
+            return Err(SandboxError::Setup(format!(
+                "the store directory {} was changed in the sandbox",
+                store.display()
+            )));
+        }
+        for name in &touched.names {
+            match name.to_str().and_then(|n| self.current.get(n)) {
+                Some(EntryKind::Symlink) => self.check_symlink(real_store, &store, name)?,
+                // A mount point cannot be removed or renamed where it is mounted.
+                Some(EntryKind::Dir | EntryKind::File) => {
                     return Err(SandboxError::Setup(format!(
-                        "input '{n}' was changed in the sandbox"
-                    )));
+                        "input '{}' was changed in the sandbox",
+                        name.to_string_lossy()
+                    )))
+                }
+                None => {
+                    let p = store.join(name);
+                    if fs::symlink_metadata(&p).is_ok() {
+                        crate::store::fsutil::delete_path(&p)
+                            .map_err(|e| SandboxError::Setup(e.to_string()))?;
+                    }
                 }
             }
         }
-        for e in fs::read_dir(&store).map_err(io_err("read directory", &store))? {
-            let e = e.map_err(io_err("read directory", &store))?;
+        Ok(())
+    }
+
+    /// A symbolic link of the closure must still be the store's: one a builder replaced
+    /// (it has no read-only mount on it) must not reach the next build.
+    fn check_symlink(
+        &self,
+        real_store: &Path,
+        store: &Path,
+        name: &std::ffi::OsStr,
+    ) -> Result<(), SandboxError> {
+        let here = fs::read_link(store.join(name)).ok();
+        let real = fs::read_link(real_store.join(name)).ok();
+        if here.is_none() || here != real {
+            return Err(SandboxError::Setup(format!(
+                "input '{}' was changed in the sandbox",
+                name.to_string_lossy()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The sweep without the watch: every entry of the store directory is looked at.
+    fn sweep_all(&self, real_store: &Path, store: &Path) -> Result<(), SandboxError> {
+        for (n, k) in &self.current {
+            if *k == EntryKind::Symlink {
+                self.check_symlink(real_store, store, std::ffi::OsStr::new(&**n))?;
+            }
+        }
+        for e in fs::read_dir(store).map_err(io_err("read directory", store))? {
+            let e = e.map_err(io_err("read directory", store))?;
             let name = e.file_name();
             let known = name.to_str().is_some_and(|n| self.current.contains_key(n));
             if !known {

@@ -503,10 +503,14 @@ impl Worker {
                 let _ = fsutil::delete_path(&build_dir);
                 // A reused sandbox slot taken for this build is given back (and made
                 // again: its setup may have been half run).
-                let (dir, _) = self
-                    .sandbox
-                    .finish(&mut iso.run, &self.store, &plan.outputs, false);
-                self.cleanup.extend(dir);
+                let released = self.sandbox.finish(
+                    &mut iso.run,
+                    &self.store,
+                    &plan.outputs,
+                    false,
+                    &build_dir,
+                );
+                self.cleanup.extend(released.later);
                 return Err(f);
             }
         };
@@ -584,11 +588,11 @@ impl Worker {
         drop(child);
         let build_uid = isolation.build_uid();
         let ok = failure.is_none();
-        let (dir, finished) = self
-            .sandbox
-            .finish(&mut isolation, &self.store, &plan.outputs, ok);
-        self.cleanup.extend(dir);
-        let failure = match finished {
+        let released =
+            self.sandbox
+                .finish(&mut isolation, &self.store, &plan.outputs, ok, &build_dir);
+        self.cleanup.extend(released.later);
+        let failure = match released.result {
             Ok(()) => failure,
             Err(e) => failure.or(Some(io_msg(e))),
         };
@@ -610,8 +614,11 @@ impl Worker {
             drop(locks);
             return self.fail_build(id, main_output(&plan), f, Some(tail));
         }
-        // Deleted after the next builds have started: off the critical path.
-        self.cleanup.push(build_dir);
+        // Deleted after the next builds have started: off the critical path (or, when a
+        // reused sandbox slot holds it, after the next build in that slot).
+        if !released.build_dir_held {
+            self.cleanup.push(build_dir);
+        }
         let finished = Finished {
             store: &self.store,
             drv_path: &drv_path,
