@@ -284,34 +284,50 @@ pub enum Op {
         fd: RawFd,
         nstype: libc::c_int,
     },
+    /// The entry ops below name entries relative to directories the daemon opened (a
+    /// slot's on-disk `store/` and `pool/`): they work from any mount namespace, and
+    /// their paths are looked up one component deep.
     Unlink {
-        path: CString,
+        dir: RawFd,
+        name: CString,
     },
     Rename {
+        from_dir: RawFd,
         from: CString,
+        to_dir: RawFd,
         to: CString,
     },
     /// A hard link `to` of the file `from`.
     Link {
+        from_dir: RawFd,
         from: CString,
+        to_dir: RawFd,
         to: CString,
     },
-    /// Sets the times of `path` to now: a mark in the event stream of a watched
-    /// directory (what follows it is the builder's doing).
+    MkdirAt {
+        dir: RawFd,
+        name: CString,
+        mode: u32,
+    },
+    /// A symbolic link `name` to `target`.
+    SymlinkAt {
+        target: CString,
+        dir: RawFd,
+        name: CString,
+    },
+    /// Sets the times of the directory open as `fd` to now: a mark in the event stream
+    /// of a watched directory (what follows it is the builder's doing).
     Touch {
-        path: CString,
+        fd: RawFd,
     },
-    /// Makes `dst` a symbolic link with the target of the link `src`.
-    CopySymlink {
-        src: CString,
-        dst: CString,
-    },
-    /// Clones the mount of `src` as a detached mount (read-only if `ro`), kept in the
-    /// setup's descriptor slot `slot`.
+    /// Clones the mount of `src` as a detached, private mount (read-only if `ro`; with
+    /// the ids of the user namespace `idmap` if it is not -1), kept in the setup's
+    /// descriptor slot `slot`.
     OpenTree {
         src: CString,
         slot: usize,
         ro: bool,
+        idmap: RawFd,
     },
     /// Attaches the detached mount of descriptor slot `slot` on `dst`.
     MoveMount {
@@ -365,11 +381,12 @@ impl Op {
                 ("enter the slot's network namespace", b"")
             }
             Op::SetNs { .. } => ("enter a mount namespace", b""),
-            Op::Unlink { path } => ("remove", path.as_bytes()),
+            Op::Unlink { name, .. } => ("remove", name.as_bytes()),
             Op::Rename { from, .. } => ("rename", from.as_bytes()),
             Op::Link { to, .. } => ("create link", to.as_bytes()),
-            Op::CopySymlink { dst, .. } => ("create symlink", dst.as_bytes()),
-            Op::Touch { path } => ("set the times of", path.as_bytes()),
+            Op::MkdirAt { name, .. } => ("create directory", name.as_bytes()),
+            Op::SymlinkAt { name, .. } => ("create symlink", name.as_bytes()),
+            Op::Touch { .. } => ("set the times of the store directory", b""),
             Op::OpenTree { src, .. } => ("clone the mount of", src.as_bytes()),
             Op::MoveMount { dst, .. } => ("attach a mount on", dst.as_bytes()),
             Op::MoveTree { from, .. } => ("move the mount", from.as_bytes()),
@@ -560,7 +577,7 @@ unsafe fn run_op(op: &Op, fds: &[Cell<libc::c_int>]) -> Result<(), i32> {
                     sys::readlink(src, &mut buf)?;
                     return sys::symlink(buf.as_ptr() as usize, real_dst);
                 }
-                _ => exists_ok(sys::link(empty, real_dst))?,
+                _ => exists_ok(sys::linkat(libc::AT_FDCWD, empty, libc::AT_FDCWD, real_dst))?,
             }
             sys::mount(sys::p(src), dst, none, libc::MS_BIND, none)
         }
@@ -592,11 +609,7 @@ unsafe fn run_op(op: &Op, fds: &[Cell<libc::c_int>]) -> Result<(), i32> {
                 sys::p(opts)
             },
         ),
-        Op::Touch { path } => sys::call(
-            libc::SYS_utimensat,
-            [libc::AT_FDCWD as isize as usize, sys::p(path), 0, 0, 0, 0],
-        )
-        .map(drop),
+        Op::Touch { fd } => sys::call(libc::SYS_utimensat, [*fd as usize, 0, 0, 0, 0, 0]).map(drop),
         Op::Hostname => {
             sys::sys2(libc::SYS_sethostname, sys::p(c"localhost"), 9)?;
             sys::sys2(libc::SYS_setdomainname, sys::p(c"(none)"), 6).map(drop)
@@ -634,15 +647,27 @@ unsafe fn run_op(op: &Op, fds: &[Cell<libc::c_int>]) -> Result<(), i32> {
         Op::SetNs { fd, nstype } => {
             sys::sys2(libc::SYS_setns, *fd as usize, *nstype as usize).map(drop)
         }
-        Op::Unlink { path } => sys::unlink(path),
-        Op::Rename { from, to } => sys::rename(from, to),
-        Op::Link { from, to } => sys::link(from, to),
-        Op::CopySymlink { src, dst } => {
-            let mut buf = [0u8; 4097];
-            sys::readlink(src, &mut buf)?;
-            sys::symlink(buf.as_ptr() as usize, dst)
-        }
-        Op::OpenTree { src, slot, ro } => {
+        Op::Unlink { dir, name } => sys::unlinkat(*dir, name),
+        Op::Rename {
+            from_dir,
+            from,
+            to_dir,
+            to,
+        } => sys::renameat(*from_dir, from, *to_dir, to),
+        Op::Link {
+            from_dir,
+            from,
+            to_dir,
+            to,
+        } => sys::linkat(*from_dir, from, *to_dir, to),
+        Op::MkdirAt { dir, name, mode } => sys::mkdirat(*dir, name, *mode),
+        Op::SymlinkAt { target, dir, name } => sys::symlinkat(target, *dir, name),
+        Op::OpenTree {
+            src,
+            slot,
+            ro,
+            idmap,
+        } => {
             let fd = sys::sys3(
                 libc::SYS_open_tree,
                 libc::AT_FDCWD as isize as usize,
@@ -656,12 +681,16 @@ unsafe fn run_op(op: &Op, fds: &[Cell<libc::c_int>]) -> Result<(), i32> {
             // what is later mounted on it (the trash stack) would show in other slots
             // and on the host.
             {
-                let attr = MountAttr {
+                let mut attr = MountAttr {
                     attr_set: if *ro { MOUNT_ATTR_RDONLY } else { 0 },
                     attr_clr: 0,
                     propagation: MS_PRIVATE_ATTR,
                     userns_fd: 0,
                 };
+                if *idmap >= 0 {
+                    attr.attr_set |= MOUNT_ATTR_IDMAP;
+                    attr.userns_fd = *idmap as u64;
+                }
                 sys::sys5(
                     libc::SYS_mount_setattr,
                     fd as usize,
@@ -717,18 +746,19 @@ pub(super) unsafe fn set_user(uid: u32, gid: u32) -> Result<(), i32> {
 }
 
 // The new mount API (Linux 5.2, mount_setattr 5.12); not all in the libc crate.
-const OPEN_TREE_CLONE: libc::c_uint = 1;
+pub(super) const OPEN_TREE_CLONE: libc::c_uint = 1;
 const AT_SYMLINK_NOFOLLOW: libc::c_uint = 0x100;
 const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
 const MOUNT_ATTR_RDONLY: u64 = 0x1;
+pub(super) const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
 /// MS_PRIVATE, as `mount_attr.propagation` takes it (a u64 on every architecture).
-const MS_PRIVATE_ATTR: u64 = 1 << 18;
+pub(super) const MS_PRIVATE_ATTR: u64 = 1 << 18;
 #[repr(C)]
-struct MountAttr {
-    attr_set: u64,
-    attr_clr: u64,
-    propagation: u64,
-    userns_fd: u64,
+pub(super) struct MountAttr {
+    pub attr_set: u64,
+    pub attr_clr: u64,
+    pub propagation: u64,
+    pub userns_fd: u64,
 }
 
 /// For a builder that stays root: no capability at all, and none to gain by exec (uid 0
@@ -942,7 +972,9 @@ pub struct Sandbox {
     /// or once making a slot failed (builds then get a sandbox each, as before).
     reuse: bool,
     slots: Vec<slot::Slot>,
-    host_mnt: Option<OwnedFd>,
+    /// The user namespace of idmapped store mounts for builders that stay root (see
+    /// `slot::idmap_userns`): not tried yet, or unavailable.
+    idmap: Option<Option<OwnedFd>>,
     /// How sandboxed children are cloned (read once from the environment).
     spawn: SpawnMode,
 }
@@ -1043,7 +1075,7 @@ impl Sandbox {
             empty: None,
             reuse,
             slots: Vec::new(),
-            host_mnt: None,
+            idmap: None,
             spawn: SpawnMode::configured(),
         }
     }
@@ -1408,10 +1440,6 @@ impl Sandbox {
         build_dir: &Path,
         user: Option<(u32, u32)>,
     ) -> Result<Option<ChildSetup>, SandboxError> {
-        let empty = self.empty_file(store)?;
-        if self.host_mnt.is_none() {
-            self.host_mnt = Some(slot::host_mount_ns()?);
-        }
         let k = match self.slots.iter().position(|s| !s.busy) {
             Some(k) => k,
             None => {
@@ -1431,13 +1459,36 @@ impl Sandbox {
                 mode: 0o755,
             });
             self.skeleton_ops(&mut ops, &r, false);
+            // A builder that stays root sees the store through idmapped mounts (see
+            // `slot::idmap_userns`), tried once.
+            if user.is_none() && self.idmap.is_none() {
+                self.idmap = Some(match slot::idmap_userns(Path::new(&store_dir)) {
+                    Ok(fd) => Some(fd),
+                    Err(e) => {
+                        log::info!("{e}: file inputs of reused sandboxes are mounts");
+                        None
+                    }
+                });
+            }
+            let idmap = match (&self.idmap, user) {
+                (Some(Some(fd)), None) => fd.as_raw_fd(),
+                _ => -1,
+            };
             mkdir_parents(&mut ops, &r, Path::new(&store_dir));
-            ops.push(Op::Bind {
+            // The slot's on-disk store directory at the store path.
+            ops.push(Op::Mkdir {
+                path: r(&store_dir),
+                mode: 0o755,
+            });
+            ops.push(Op::OpenTree {
                 src: cp(&dir.join("store")),
-                dst: r(&store_dir),
+                slot: 0,
                 ro: false,
-                optional: false,
-                copy_symlink: false,
+                idmap,
+            });
+            ops.push(Op::MoveMount {
+                slot: 0,
+                dst: r(&store_dir),
             });
             // The builds' trash lies below a directory that no builder may enter (one
             // that stays root cannot: it is not the owner and has no capabilities).
@@ -1448,6 +1499,22 @@ impl Sandbox {
             ops.push(Op::Tmpfs {
                 target: r(slot::TRASH),
                 opts: c(slot::TRASH_OPTS),
+            });
+            // The store as the new paths of each build are bound from: read-only,
+            // private, idmapped as the store directory.
+            ops.push(Op::Mkdir {
+                path: r(slot::STORE_VIEW),
+                mode: 0,
+            });
+            ops.push(Op::OpenTree {
+                src: c(&store_dir),
+                slot: 1,
+                ro: true,
+                idmap,
+            });
+            ops.push(Op::MoveMount {
+                slot: 1,
+                dst: r(slot::STORE_VIEW),
             });
             if Path::new(&store_dir).starts_with("/tmp") {
                 // Where the store waits while each build gets a fresh /tmp.
@@ -1464,11 +1531,15 @@ impl Sandbox {
                 target: c("/"),
                 ro: true,
             });
-            let group = match &self.users {
-                Some(Ok(u)) => Some(u.gid),
-                _ => None,
+            let how = slot::SlotKind {
+                store_group: match &self.users {
+                    Some(Ok(u)) => Some(u.gid),
+                    _ => None,
+                },
+                idmap,
+                real_store: Path::new(&store_dir),
             };
-            match slot::SlotNs::create(dir, group, ops) {
+            match slot::SlotNs::create(dir, how, ops) {
                 Ok(ns) => self.slots[k].ns = Some(ns),
                 Err(e) => {
                     log::warn!("{e}; sandboxes will not be reused");
@@ -1477,7 +1548,6 @@ impl Sandbox {
                 }
             }
         }
-        let host_mnt = self.host_mnt.as_ref().map_or(-1, |f| f.as_raw_fd());
         let real_store = PathBuf::from(&store_dir);
         let (passwd, group) = etc_user(user);
         let closure: Vec<&str> = graph
@@ -1494,8 +1564,6 @@ impl Sandbox {
             store_dir: &store_dir,
             closure,
             build_dir,
-            empty: &empty,
-            host_mnt,
             passwd,
             group,
             last: last_op(user),

@@ -129,8 +129,8 @@ pub unsafe fn mknod_file(path: &CStr, mode: u32) -> Result<(), i32> {
     .map(drop)
 }
 
-pub unsafe fn unlink(path: &CStr) -> Result<(), i32> {
-    sys3(libc::SYS_unlinkat, AT_FDCWD, p(path), 0).map(drop)
+pub unsafe fn unlinkat(dir: libc::c_int, path: &CStr) -> Result<(), i32> {
+    sys3(libc::SYS_unlinkat, dir as isize as usize, p(path), 0).map(drop)
 }
 
 pub unsafe fn rmdir(path: &CStr) -> Result<(), i32> {
@@ -143,20 +143,48 @@ pub unsafe fn rmdir(path: &CStr) -> Result<(), i32> {
     .map(drop)
 }
 
-pub unsafe fn rename(from: &CStr, to: &CStr) -> Result<(), i32> {
-    call(
-        libc::SYS_renameat2,
-        [AT_FDCWD, p(from), AT_FDCWD, p(to), 0, 0],
+pub unsafe fn renameat(
+    from_dir: libc::c_int,
+    from: &CStr,
+    to_dir: libc::c_int,
+    to: &CStr,
+) -> Result<(), i32> {
+    let (fd, td) = (from_dir as isize as usize, to_dir as isize as usize);
+    call(libc::SYS_renameat2, [fd, p(from), td, p(to), 0, 0]).map(drop)
+}
+
+pub unsafe fn linkat(
+    from_dir: libc::c_int,
+    from: &CStr,
+    to_dir: libc::c_int,
+    to: &CStr,
+) -> Result<(), i32> {
+    let (fd, td) = (from_dir as isize as usize, to_dir as isize as usize);
+    call(libc::SYS_linkat, [fd, p(from), td, p(to), 0, 0]).map(drop)
+}
+
+pub unsafe fn mkdirat(dir: libc::c_int, path: &CStr, mode: u32) -> Result<(), i32> {
+    sys3(
+        libc::SYS_mkdirat,
+        dir as isize as usize,
+        p(path),
+        mode as usize,
     )
     .map(drop)
 }
 
-pub unsafe fn link(from: &CStr, to: &CStr) -> Result<(), i32> {
-    call(libc::SYS_linkat, [AT_FDCWD, p(from), AT_FDCWD, p(to), 0, 0]).map(drop)
-}
-
 pub unsafe fn symlink(target: usize, link: &CStr) -> Result<(), i32> {
     sys3(libc::SYS_symlinkat, target, AT_FDCWD, p(link)).map(drop)
+}
+
+pub unsafe fn symlinkat(target: &CStr, dir: libc::c_int, link: &CStr) -> Result<(), i32> {
+    sys3(
+        libc::SYS_symlinkat,
+        p(target),
+        dir as isize as usize,
+        p(link),
+    )
+    .map(drop)
 }
 
 /// Reads the link into `buf`, NUL-terminated.

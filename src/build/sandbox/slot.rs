@@ -40,6 +40,13 @@ use crate::build::sys;
 /// keeper only for such stores).
 pub(super) const STORE_PARK: &str = "/.hauberk-store";
 
+/// Where the keeper binds the real store, read-only: the new paths of each build are
+/// bound from there (below the trash's directory, out of the builders' reach).
+pub(super) const STORE_VIEW: &str = "/.hauberk-trash/store";
+
+/// The empty file in a slot's `pool/` that file mount points are hard links to.
+const EMPTY: &str = ".empty";
+
 /// Where each build's trash goes: `TRASH/<n>`, a tmpfs that the last build's mounts are
 /// moved to and that the slot's keeper detaches once the build is over.
 pub(super) const TRASH: &str = "/.hauberk-trash";
@@ -64,23 +71,55 @@ pub(super) enum EntryKind {
     Dir,
     /// A hard link to the shared empty file, bound.
     File,
+    /// A hard link of the store's own file; nothing is mounted.
+    Linked,
     /// A copy of the symbolic link itself; nothing is mounted.
     Symlink,
 }
 
-impl EntryKind {
-    fn of(path: &Path) -> Result<EntryKind, SandboxError> {
-        let ft = fs::symlink_metadata(path)
-            .map_err(io_err("stat input", path))?
-            .file_type();
+/// A new entry to make: as `EntryKind`, with a symbolic link's target.
+enum Entry {
+    Dir,
+    /// With its link count.
+    File(u64),
+    Symlink(CString),
+}
+
+impl Entry {
+    fn of(path: &Path) -> Result<Entry, SandboxError> {
+        let md = fs::symlink_metadata(path).map_err(io_err("stat input", path))?;
+        let ft = md.file_type();
         Ok(if ft.is_dir() {
-            EntryKind::Dir
+            Entry::Dir
         } else if ft.is_symlink() {
-            EntryKind::Symlink
+            let target = fs::read_link(path).map_err(io_err("read link", path))?;
+            Entry::Symlink(cp(&target))
         } else {
-            EntryKind::File
+            Entry::File(std::os::unix::fs::MetadataExt::nlink(&md))
         })
     }
+}
+
+/// How a slot is made.
+pub(super) struct SlotKind<'a> {
+    /// The build users' group (the store directory is then 1775 root:group, as Nix's).
+    pub store_group: Option<u32>,
+    /// The keeper mounts the slot's store directory and the store view idmapped with
+    /// this user namespace (see [`idmap_userns`]; -1: not), for a builder that stays root.
+    pub idmap: RawFd,
+    /// The real store directory.
+    pub real_store: &'a Path,
+}
+
+/// What `SlotNs::make` opened.
+struct Made {
+    mnt: OwnedFd,
+    net: OwnedFd,
+    keeper: Keeper,
+    watch: StoreWatch,
+    store_fd: OwnedFd,
+    pool_fd: OwnedFd,
+    real_store_fd: OwnedFd,
 }
 
 /// A made slot: its namespaces and what its store view holds now.
@@ -92,6 +131,15 @@ pub(super) struct SlotNs {
     keeper: Keeper,
     /// Events of the slot's store directory: what a builder did there.
     watch: StoreWatch,
+    /// The slot's `store/` and `pool/` directories, open: children make and remove the
+    /// mount points relative to them, from whatever mount namespace they are in.
+    store_fd: OwnedFd,
+    pool_fd: OwnedFd,
+    /// The real store directory, open: file inputs are hard links of its files.
+    real_store_fd: OwnedFd,
+    /// File inputs are hard links (the builder is never their owner: a build user, or
+    /// root through an idmapped mount), not mounts.
+    hardlinks: bool,
     /// The number of the next build's trash, and the trash of the build now running.
     trash_next: u64,
     trash: Option<u64>,
@@ -127,10 +175,6 @@ pub(super) struct SlotBuild<'a> {
     /// The input closure: base names.
     pub closure: Vec<&'a str>,
     pub build_dir: &'a Path,
-    /// The shared empty file that file mount points are hard links to.
-    pub empty: &'a Path,
-    /// The host's mount namespace (to come back to from the slot's).
-    pub host_mnt: RawFd,
     /// `/etc/passwd` and `/etc/group` of this build.
     pub passwd: CString,
     pub group: CString,
@@ -142,6 +186,8 @@ struct KeeperArgs {
     setup: SandboxSetup,
     ready_w: RawFd,
     cmd_r: RawFd,
+    /// The user namespace of idmapped mounts the steps use (-1: none).
+    idmap: RawFd,
 }
 
 /// Writes `/.hauberk-trash/<id>` into `buf` (NUL-terminated) without allocating.
@@ -183,15 +229,18 @@ extern "C" fn keeper_main(arg: *mut libc::c_void) -> libc::c_int {
         );
         // Nothing of the daemon's but the two pipes: another build's output pipe held
         // here would never reach end of file.
-        let (lo, hi) = (
-            a.ready_w.min(a.cmd_r) as usize,
-            a.ready_w.max(a.cmd_r) as usize,
-        );
-        for (from, to) in [(3, lo - 1), (lo + 1, hi - 1), (hi + 1, u32::MAX as usize)] {
-            if from <= to {
-                let _ = sys::sys3(libc::SYS_close_range, from, to, 0);
+        let mut keep = [a.ready_w, a.cmd_r, a.idmap];
+        keep.sort_unstable();
+        let mut from = 3usize;
+        for fd in keep {
+            if fd >= 3 {
+                if from < fd as usize {
+                    let _ = sys::sys3(libc::SYS_close_range, from, fd as usize - 1, 0);
+                }
+                from = fd as usize + 1;
             }
         }
+        let _ = sys::sys3(libc::SYS_close_range, from, u32::MAX as usize, 0);
         if let Err((i, errno)) = run_ops(&a.setup) {
             let mut msg = [0u8; 512];
             msg[0] = b'E';
@@ -277,12 +326,6 @@ fn open_ns(pid: libc::pid_t, kind: &str) -> io::Result<OwnedFd> {
     }
     // SAFETY: a fresh descriptor.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// Opens this process's mount namespace (to come back to after visiting a slot's).
-pub(super) fn host_mount_ns() -> Result<OwnedFd, SandboxError> {
-    open_ns(std::process::id() as libc::pid_t, "mnt")
-        .map_err(io_err("open", Path::new("/proc/self/ns/mnt")))
 }
 
 /// An inotify watch on a slot's store directory. The child marks the end of its own
@@ -381,22 +424,120 @@ impl StoreWatch {
     }
 }
 
+/// The user namespace whose ids an idmapped mount of the store shows to a builder that
+/// stays root: root and `nobody` swapped, every other id as it is. Through such a mount
+/// the store's files belong to `nobody` (as in Nix's sandbox, where root is not mapped),
+/// so a builder that is root without capabilities is not their owner: it can neither
+/// change their mode nor write them, and a file input may be a hard link of the store's
+/// file instead of a mount. What it creates there belongs to `nobody` on disk (outputs are
+/// given to root when registered). `Err` says why not (a file system without idmapped
+/// mounts, an old kernel): then file inputs are mounts.
+pub(super) fn idmap_userns(store_dir: &Path) -> Result<OwnedFd, String> {
+    const MAP: &[u8] = b"0 65534 1\n1 1 65533\n65534 0 1\n65535 65535 4294901760\n";
+    extern "C" fn wait_main(_: *mut libc::c_void) -> libc::c_int {
+        // Holds the namespace until the parent has opened it, then is killed.
+        loop {
+            // SAFETY: pause only waits for a signal (the child has its own memory: libc
+            // may write its errno).
+            unsafe {
+                libc::pause();
+            }
+        }
+    }
+    let mut stack = vec![0u8; 16 * 1024];
+    // SAFETY: the stack top is inside `stack`, 16-byte aligned; the child (no CLONE_VM)
+    // only waits to be killed.
+    let pid = unsafe {
+        let top = stack.as_mut_ptr().add(stack.len()) as usize & !15;
+        libc::clone(
+            wait_main,
+            top as *mut libc::c_void,
+            libc::CLONE_NEWUSER | libc::SIGCHLD,
+            std::ptr::null_mut(),
+        )
+    };
+    if pid < 0 {
+        return Err(format!(
+            "create a user namespace: {}",
+            io::Error::last_os_error()
+        ));
+    }
+    let made = (|| {
+        for map in ["uid_map", "gid_map"] {
+            fs::write(format!("/proc/{pid}/{map}"), MAP)
+                .map_err(|e| format!("write /proc/{pid}/{map}: {e}"))?;
+        }
+        open_ns(pid, "user").map_err(|e| format!("open /proc/{pid}/ns/user: {e}"))
+    })();
+    let mut st = 0;
+    // SAFETY: killing and waiting for our own child.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    while unsafe { libc::waitpid(pid, &mut st, 0) } < 0
+        && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted
+    {}
+    let userns = made?;
+    // Whether the store's file system takes it: a detached, idmapped clone, dropped.
+    let p = cp(store_dir);
+    // SAFETY: open_tree on a NUL-terminated path; the descriptor is owned below.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            libc::AT_FDCWD,
+            p.as_ptr(),
+            super::OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(format!(
+            "clone the mount of {}: {}",
+            store_dir.display(),
+            io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: a fresh descriptor.
+    let tree = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    let attr = super::MountAttr {
+        attr_set: super::MOUNT_ATTR_IDMAP,
+        attr_clr: 0,
+        propagation: super::MS_PRIVATE_ATTR,
+        userns_fd: userns.as_raw_fd() as u64,
+    };
+    // SAFETY: mount_setattr on our detached mount with a valid attribute block.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            &attr as *const super::MountAttr,
+            std::mem::size_of::<super::MountAttr>(),
+        )
+    };
+    if r < 0 {
+        return Err(format!(
+            "idmap a mount of {}: {}",
+            store_dir.display(),
+            io::Error::last_os_error()
+        ));
+    }
+    Ok(userns)
+}
+
 impl SlotNs {
     /// Makes a slot: the directory `dir` (with `store/` owned by `owner` as Nix's
     /// chroot store: root, the build group, 1775) and the namespaces, from the keeper
     /// steps `ops` (which must bind `dir/store` at the store path and pivot_root).
-    pub fn create(
-        dir: PathBuf,
-        store_group: Option<u32>,
-        ops: Vec<Op>,
-    ) -> Result<SlotNs, SandboxError> {
-        let made = SlotNs::make(&dir, store_group, ops);
-        match made {
-            Ok((mnt, net, keeper, watch)) => Ok(SlotNs {
-                mnt,
-                net,
-                keeper,
-                watch,
+    pub fn create(dir: PathBuf, how: SlotKind<'_>, ops: Vec<Op>) -> Result<SlotNs, SandboxError> {
+        match SlotNs::make(&dir, &how, ops) {
+            Ok(m) => Ok(SlotNs {
+                mnt: m.mnt,
+                net: m.net,
+                keeper: m.keeper,
+                watch: m.watch,
+                store_fd: m.store_fd,
+                pool_fd: m.pool_fd,
+                real_store_fd: m.real_store_fd,
+                hardlinks: how.idmap >= 0 || how.store_group.is_some(),
                 trash_next: 0,
                 trash: None,
                 held_build_dir: None,
@@ -414,11 +555,7 @@ impl SlotNs {
         }
     }
 
-    fn make(
-        dir: &Path,
-        store_group: Option<u32>,
-        ops: Vec<Op>,
-    ) -> Result<(OwnedFd, OwnedFd, Keeper, StoreWatch), SandboxError> {
+    fn make(dir: &Path, how: &SlotKind<'_>, ops: Vec<Op>) -> Result<Made, SandboxError> {
         let store = dir.join("store");
         let pool = dir.join("pool");
         for d in [dir, &store, &pool] {
@@ -427,20 +564,53 @@ impl SlotNs {
                 .create(d)
                 .map_err(io_err("create directory", d))?;
         }
-        if let Some(gid) = store_group {
+        if let Some(gid) = how.store_group {
             nix::unistd::chown(&store, None, Some(nix::unistd::Gid::from_raw(gid)))
                 .map_err(|e| io_err("change group of", &store)(io::Error::from(e)))?;
             fs::set_permissions(&store, fs::Permissions::from_mode(0o1775))
                 .map_err(io_err("change mode of", &store))?;
+        } else if how.idmap >= 0 {
+            // Through the idmapped mount it belongs to `nobody`: the builder writes its
+            // outputs as one of the others (sticky: it removes nothing it did not make).
+            fs::set_permissions(&store, fs::Permissions::from_mode(0o1777))
+                .map_err(io_err("change mode of", &store))?;
         }
+        let empty = pool.join(EMPTY);
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&empty)
+            .map_err(io_err("create", &empty))?;
+        fs::set_permissions(&empty, fs::Permissions::from_mode(0o444))
+            .map_err(io_err("change mode of", &empty))?;
+        let open_dir = |d: &Path| {
+            fs::File::open(d)
+                .map(OwnedFd::from)
+                .map_err(io_err("open", d))
+        };
+        let (store_fd, pool_fd) = (open_dir(&store)?, open_dir(&pool)?);
+        let real_store_fd = open_dir(how.real_store)?;
         let watch = StoreWatch::new(&store).map_err(io_err("watch", &store))?;
         let what = Path::new("sandbox slot");
         let (ready_r, ready_w) = pipe().map_err(io_err("create pipe for", what))?;
         let (cmd_r, cmd_w) = pipe().map_err(io_err("create pipe for", what))?;
         let args = KeeperArgs {
-            setup: SandboxSetup::new(libc::CLONE_NEWNS | libc::CLONE_NEWNET, ops),
+            setup: {
+                let slots = ops
+                    .iter()
+                    .filter_map(|o| match o {
+                        Op::OpenTree { slot, .. } => Some(slot + 1),
+                        _ => None,
+                    })
+                    .max()
+                    .unwrap_or(0);
+                let mut setup = SandboxSetup::new(libc::CLONE_NEWNS | libc::CLONE_NEWNET, ops);
+                setup.fds = vec![std::cell::Cell::new(-1); slots];
+                setup
+            },
             ready_w: ready_w.as_raw_fd(),
             cmd_r: cmd_r.as_raw_fd(),
+            idmap: how.idmap,
         };
         let mut stack = vec![0u8; 64 * 1024];
         // SAFETY: the stack top is inside `stack`, 16-byte aligned; without CLONE_VM the
@@ -489,7 +659,15 @@ impl SlotNs {
             Err(io::Error::other("the slot keeper failed"))
         };
         match opened {
-            Ok((mnt, net)) => Ok((mnt, net, keeper, watch)),
+            Ok((mnt, net)) => Ok(Made {
+                mnt,
+                net,
+                keeper,
+                watch,
+                store_fd,
+                pool_fd,
+                real_store_fd,
+            }),
             Err(e) => {
                 drop(keeper);
                 if n > 5 && msg[0] == b'E' {
@@ -503,15 +681,6 @@ impl SlotNs {
                 Err(io_err("open the namespaces of", what)(e))
             }
         }
-    }
-
-    fn host(&self, sub: &str, name: &str) -> CString {
-        let mut s = self.dir.as_os_str().as_bytes().to_vec();
-        s.push(b'/');
-        s.extend_from_slice(sub.as_bytes());
-        s.push(b'/');
-        s.extend_from_slice(name.as_bytes());
-        CString::new(s).unwrap_or_default()
     }
 
     /// The steps that turn this slot's view into the one `b` needs, and the clone flags
@@ -530,22 +699,30 @@ impl SlotNs {
         let mut new = Vec::new();
         for n in &b.closure {
             if !self.current.contains_key(*n) {
-                let kind = EntryKind::of(&b.real_store.join(n))?;
-                new.push((*n, kind));
+                new.push((*n, Entry::of(&b.real_store.join(n))?));
             }
         }
-        let mut ops = Vec::with_capacity(16 + 3 * (stale.len() + new.len()));
-        // 1. In the slot: the last build's mounts and the stale paths are moved under a
-        // tmpfs of this build's own, the trash, which the keeper detaches in one go once
-        // this build is over (unmounting waits for an RCU grace period). The trash lies
-        // below a directory no builder may enter.
-        let stale_mounts = stale.iter().any(|(_, k)| *k != EntryKind::Symlink);
-        let new_mounts = new.iter().any(|(_, k)| *k != EntryKind::Symlink);
-        // The trash also holds one read-only clone of the store that the new paths are
-        // bound from (one `open_tree` per build, not one per path).
-        let trash = self.per_build_mounted || stale_mounts || new_mounts;
+        let (store_fd, pool_fd) = (self.store_fd.as_raw_fd(), self.pool_fd.as_raw_fd());
+        let mut ops = Vec::with_capacity(24 + 3 * (stale.len() + new.len()));
+        // 0. Still in the daemon's mount namespace: a clone of the build directory.
+        ops.push(Op::OpenTree {
+            src: cp(b.build_dir),
+            slot: 0,
+            ro: false,
+            idmap: -1,
+        });
+        ops.push(Op::SetNs {
+            fd: self.mnt.as_raw_fd(),
+            nstype: libc::CLONE_NEWNS,
+        });
+        // 1. The last build's mounts and the stale paths are moved under a tmpfs of this
+        // build's own, the trash, which the keeper detaches in one go once this build is
+        // over (unmounting waits for an RCU grace period). The trash lies below a
+        // directory no builder may enter.
+        let mounted = |k: &EntryKind| matches!(k, EntryKind::Dir | EntryKind::File);
+        let stale_mounts = stale.iter().any(|(_, k)| mounted(k));
+        let trash = self.per_build_mounted || stale_mounts;
         let trash_dir = format!("{TRASH}/{}", self.trash_next);
-        let store_clone = c(&format!("{trash_dir}/s"));
         // Two mount points in the trash, one for files and one for directories: each
         // mount moved there lands on top of the one before (a stack), and detaching the
         // trash detaches the whole stack.
@@ -560,10 +737,6 @@ impl SlotNs {
         if trash {
             self.trash = Some(self.trash_next);
             self.trash_next += 1;
-            ops.push(Op::SetNs {
-                fd: self.mnt.as_raw_fd(),
-                nstype: libc::CLONE_NEWNS,
-            });
             ops.push(Op::Mkdir {
                 path: c(&trash_dir),
                 mode: 0,
@@ -579,123 +752,116 @@ impl SlotNs {
                 path: trash_d.clone(),
                 mode: 0,
             });
-            ops.push(Op::Mkdir {
-                path: store_clone.clone(),
-                mode: 0,
-            });
             if self.per_build_mounted {
                 for p in ["/proc", "/dev/shm", "/build"] {
                     to_trash(&mut ops, inside(p), false);
                 }
             }
             for (n, k) in &stale {
-                if *k != EntryKind::Symlink {
+                if mounted(k) {
                     to_trash(&mut ops, in_store(n), *k == EntryKind::File);
                 }
             }
-            ops.push(Op::SetNs {
-                fd: b.host_mnt,
-                nstype: libc::CLONE_NEWNS,
+        }
+        // Each build gets a fresh /tmp: a store below it is parked meanwhile (and
+        // brought back in step 3).
+        let store_in_tmp = Path::new(b.store_dir).starts_with("/tmp");
+        if store_in_tmp {
+            ops.push(Op::MoveTree {
+                from: inside(b.store_dir),
+                to: inside(STORE_PARK),
             });
         }
-        // 2. On the host: the mount points, then the clones.
+        if self.per_build_mounted {
+            to_trash(&mut ops, inside("/tmp"), false);
+        }
+        // 2. The mount points in the slot's directory, by descriptor: stale ones (no
+        // longer mounted) go, new ones come.
         for (n, k) in &stale {
-            let entry = self.host("store", n);
             match k {
                 EntryKind::Dir => {
                     // Kept as a spare directory for a later mount point.
                     self.pool_next += 1;
                     let id = self.pool_next;
                     ops.push(Op::Rename {
-                        from: entry,
-                        to: self.host("pool", &id.to_string()),
+                        from_dir: store_fd,
+                        from: c(n),
+                        to_dir: pool_fd,
+                        to: c(&id.to_string()),
                     });
                     self.pool.push(id);
                 }
-                EntryKind::File | EntryKind::Symlink => ops.push(Op::Unlink { path: entry }),
+                EntryKind::File | EntryKind::Linked | EntryKind::Symlink => ops.push(Op::Unlink {
+                    dir: store_fd,
+                    name: c(n),
+                }),
             }
             self.current.remove(n);
         }
-        let mut fds = 0;
-        ops.push(Op::OpenTree {
-            src: cp(b.build_dir),
-            slot: fds,
-            ro: false,
-        });
-        fds += 1;
-        let mut moves = Vec::with_capacity(new.len() + 2);
-        moves.push(Op::MoveMount {
-            slot: 0,
-            dst: inside("/build"),
-        });
-        if new_mounts {
-            ops.push(Op::OpenTree {
-                src: cp(b.real_store),
-                slot: fds,
-                ro: true,
-            });
-            moves.push(Op::MoveMount {
-                slot: fds,
-                dst: store_clone.clone(),
-            });
-            fds += 1;
-        }
-        for (n, k) in &new {
-            let entry = self.host("store", n);
-            let src = cp(&b.real_store.join(n));
-            match k {
-                EntryKind::Dir => match self.pool.pop() {
-                    Some(id) => ops.push(Op::Rename {
-                        from: self.host("pool", &id.to_string()),
-                        to: entry,
-                    }),
-                    None => ops.push(Op::Mkdir {
-                        path: entry,
-                        mode: 0o755,
-                    }),
-                },
-                EntryKind::File => ops.push(Op::Link {
-                    from: cp(b.empty),
-                    to: entry,
-                }),
-                EntryKind::Symlink => {
-                    ops.push(Op::CopySymlink { src, dst: entry });
-                    self.current.insert((*n).into(), *k);
+        let mut binds = Vec::with_capacity(new.len());
+        for (n, e) in new {
+            let kind = match e {
+                Entry::Dir => {
+                    match self.pool.pop() {
+                        Some(id) => ops.push(Op::Rename {
+                            from_dir: pool_fd,
+                            from: c(&id.to_string()),
+                            to_dir: store_fd,
+                            to: c(n),
+                        }),
+                        None => ops.push(Op::MkdirAt {
+                            dir: store_fd,
+                            name: c(n),
+                            mode: 0o755,
+                        }),
+                    }
+                    EntryKind::Dir
+                }
+                // Far below any file system's limit of links (the store's files have
+                // one, and one per slot).
+                Entry::File(nlink) if self.hardlinks && nlink < 60_000 => {
+                    ops.push(Op::Link {
+                        from_dir: self.real_store_fd.as_raw_fd(),
+                        from: c(n),
+                        to_dir: store_fd,
+                        to: c(n),
+                    });
+                    self.current.insert(n.into(), EntryKind::Linked);
                     continue;
                 }
-            }
-            // A bind of a read-only, private mount is read-only and private.
-            moves.push(Op::BindMount {
-                src: c(&format!("{trash_dir}/s/{n}")),
+                Entry::File(_) => {
+                    ops.push(Op::Link {
+                        from_dir: pool_fd,
+                        from: c(EMPTY),
+                        to_dir: store_fd,
+                        to: c(n),
+                    });
+                    EntryKind::File
+                }
+                Entry::Symlink(target) => {
+                    ops.push(Op::SymlinkAt {
+                        target,
+                        dir: store_fd,
+                        name: c(n),
+                    });
+                    self.current.insert(n.into(), EntryKind::Symlink);
+                    continue;
+                }
+            };
+            // The store view is read-only and private: so is a bind of it.
+            binds.push(Op::BindMount {
+                src: c(&format!("{STORE_VIEW}/{n}")),
                 dst: in_store(n),
             });
-            self.current.insert((*n).into(), *k);
+            self.current.insert(n.into(), kind);
         }
         // The mark: what the store directory's watch sees after it is the builder's.
-        ops.push(Op::Touch {
-            path: self.host("store", "."),
-        });
-        // 3. In the slot again: everything in place, fresh /proc, /tmp and /dev/shm.
-        ops.push(Op::SetNs {
-            fd: self.mnt.as_raw_fd(),
-            nstype: libc::CLONE_NEWNS,
-        });
+        ops.push(Op::Touch { fd: store_fd });
+        // 3. Everything in place, fresh /proc, /tmp and /dev/shm, in the slot's network.
         ops.push(Op::SetNs {
             fd: self.net.as_raw_fd(),
             nstype: libc::CLONE_NEWNET,
         });
-        // A fresh /tmp; a store below it is parked meanwhile and brought back.
-        let park = STORE_PARK;
-        let store_in_tmp = Path::new(b.store_dir).starts_with("/tmp");
-        if store_in_tmp {
-            ops.push(Op::MoveTree {
-                from: inside(b.store_dir),
-                to: inside(park),
-            });
-        }
-        if self.per_build_mounted {
-            to_trash(&mut ops, inside("/tmp"), false);
-        }
         for p in ["/tmp", "/dev/shm"] {
             ops.push(Op::Tmpfs {
                 target: inside(p),
@@ -709,11 +875,15 @@ impl SlotNs {
                 mode: 0o755,
             });
             ops.push(Op::MoveTree {
-                from: inside(park),
+                from: inside(STORE_PARK),
                 to: inside(b.store_dir),
             });
         }
-        ops.extend(moves);
+        ops.push(Op::MoveMount {
+            slot: 0,
+            dst: inside("/build"),
+        });
+        ops.extend(binds);
         ops.push(Op::Mount {
             src: c("proc"),
             target: inside("/proc"),
@@ -749,7 +919,7 @@ impl SlotNs {
             libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS,
             ops,
         );
-        setup.fds = vec![std::cell::Cell::new(-1); fds];
+        setup.fds = vec![std::cell::Cell::new(-1); 1];
         setup.time_steps();
         Ok(setup)
     }
@@ -802,6 +972,22 @@ impl SlotNs {
         for name in &touched.names {
             match name.to_str().and_then(|n| self.current.get(n)) {
                 Some(EntryKind::Symlink) => self.check_symlink(real_store, &store, name)?,
+                // The builder is not its owner and the directory is sticky: it is the
+                // store's file still, or something went wrong.
+                Some(EntryKind::Linked) => {
+                    let here = fs::symlink_metadata(store.join(name)).ok();
+                    let real = fs::symlink_metadata(real_store.join(name)).ok();
+                    let same = |a: &fs::Metadata, b: &fs::Metadata| {
+                        use std::os::unix::fs::MetadataExt;
+                        a.dev() == b.dev() && a.ino() == b.ino()
+                    };
+                    if !matches!((&here, &real), (Some(h), Some(r)) if same(h, r)) {
+                        return Err(SandboxError::Setup(format!(
+                            "input '{}' was changed in the sandbox",
+                            name.to_string_lossy()
+                        )));
+                    }
+                }
                 // A mount point cannot be removed or renamed where it is mounted.
                 Some(EntryKind::Dir | EntryKind::File) => {
                     return Err(SandboxError::Setup(format!(
