@@ -166,6 +166,8 @@ fn slot_reuse_case(e: &Env, env: &[(&str, &str)]) {
     );
     let o = build(&[], &[&x3.0]);
     assert!(o.status.success(), "{}", stderr(&o));
+    // A slot was made and reused (unless reuse is off in this case).
+    assert!(!stderr(&o).contains("will not be reused"), "{}", stderr(&o));
     // x1: a, b, l and its own output.
     assert_eq!(
         std::fs::read_to_string(&x1.1).unwrap(),
@@ -1038,4 +1040,69 @@ fn a_sandbox_path_below_tmp_stays_visible() {
     );
     let o = e.build(&["--sandbox-paths", shared.to_str().unwrap()], &[&b.0]);
     assert!(o.status.success(), "{}", stderr(&o));
+}
+
+/// A file input of a reused sandbox is a hard link of the store's own file: a builder that
+/// stays root must still be unable to change it (through the idmapped store it belongs to
+/// `nobody`, the store directory is sticky, and the builder has no capabilities).
+#[test]
+fn a_root_builder_cannot_change_a_file_input() {
+    let Some(e) = Env::sandboxed("rv-hardlink") else {
+        return;
+    };
+    let dep = e.mk("dep", "echo original > $out", &[], &[]);
+    let attack = e.mk(
+        "attack",
+        r#"try() { if "$@" 2>/dev/null; then echo "DID: $*"; else echo "refused: $1"; fi; }
+           stat -c '%u %a' $deps > $out
+           try chmod 666 $deps >> $out
+           try sh -c "echo changed >> $deps" >> $out
+           try sh -c ": > $deps" >> $out
+           try touch -d 2000-01-01 $deps >> $out
+           try rm -f $deps >> $out
+           try mv $deps $NIX_STORE/moved >> $out
+           try ln $deps $NIX_STORE/another-link >> $out
+           cat $deps >> $out"#,
+        &[&dep],
+        &[],
+    );
+    let after = e.mk("after", "cat $D > $out", &[&dep, &attack], &[("D", &dep.1)]);
+    let o = e
+        .cmd()
+        .env("RUST_LOG", "hauberk=debug")
+        .args(["build", "--sandbox", "--sandbox-paths", HOST_PATHS])
+        .args(["--max-jobs", "1", &after.0])
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    // The builds did run in a reused slot.
+    assert!(!err.contains("will not be reused"), "{err}");
+    assert!(err.contains("enter a mount namespace"), "{err}");
+    let out = std::fs::read_to_string(&attack.1).unwrap();
+    let mut lines: Vec<&str> = out.lines().collect();
+    let owner = lines.remove(0);
+    if !err.contains("file inputs of reused sandboxes are mounts") {
+        // Root is not mapped through the idmapped store, as in Nix's sandbox.
+        assert_eq!(owner, "65534 444", "{out}");
+    }
+    assert_eq!(
+        lines,
+        [
+            "refused: chmod",
+            "refused: sh",
+            "refused: sh",
+            "refused: touch",
+            "refused: rm",
+            "refused: mv",
+            "refused: ln",
+            "original"
+        ],
+        "{out}"
+    );
+    assert_eq!(std::fs::read_to_string(&after.1).unwrap(), "original\n");
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::symlink_metadata(&dep.1).unwrap();
+    assert_eq!((md.uid(), md.mode() & 0o7777), (0, 0o444));
+    assert_eq!(std::fs::read_to_string(&dep.1).unwrap(), "original\n");
 }
