@@ -1550,11 +1550,8 @@ impl Sandbox {
         }
         let real_store = PathBuf::from(&store_dir);
         let (passwd, group) = etc_user(user);
-        let closure: Vec<&str> = graph
-            .closure(input_roots)
-            .into_iter()
-            .map(|id| graph.path(id).base_name())
-            .collect();
+        let closure = graph.closure(input_roots);
+        let name = |id: u32| graph.path(id).base_name();
         let ns = self.slots[k]
             .ns
             .as_mut()
@@ -1563,6 +1560,7 @@ impl Sandbox {
             real_store: &real_store,
             store_dir: &store_dir,
             closure,
+            name: &name,
             build_dir,
             passwd,
             group,

@@ -24,7 +24,7 @@
 //! and removing inodes is the slow part on most file systems). A slot whose build did not
 //! succeed is thrown away and made again, so a half-applied diff is never reused.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::ffi::CString;
 use std::fs;
 use std::io;
@@ -151,6 +151,12 @@ pub(super) struct SlotNs {
     pub dir: PathBuf,
     /// Base names bound in the store view now.
     current: HashMap<Box<str>, EntryKind>,
+    /// The same by id: the ids in view, whether each id is, and the closure stamps that
+    /// find what left it (no hashing of the whole closure per build).
+    view: Vec<u32>,
+    viewed: Vec<bool>,
+    marks: Vec<u32>,
+    stamp: u32,
     /// Names (numbers) of the spare directories in `pool/`, and the last number used.
     pool: Vec<u32>,
     pool_next: u32,
@@ -172,8 +178,10 @@ pub(super) struct SlotBuild<'a> {
     /// The real store directory (host side) and the store directory as seen inside.
     pub real_store: &'a Path,
     pub store_dir: &'a str,
-    /// The input closure: base names.
-    pub closure: Vec<&'a str>,
+    /// The input closure: ids (dense, stable for the life of the slot) and their base
+    /// names.
+    pub closure: Vec<u32>,
+    pub name: &'a dyn Fn(u32) -> &'a str,
     pub build_dir: &'a Path,
     /// `/etc/passwd` and `/etc/group` of this build.
     pub passwd: CString,
@@ -543,6 +551,10 @@ impl SlotNs {
                 held_build_dir: None,
                 dir,
                 current: HashMap::new(),
+                view: Vec::new(),
+                viewed: Vec::new(),
+                marks: Vec::new(),
+                stamp: 0,
                 pool: Vec::new(),
                 pool_next: 0,
                 per_build_mounted: false,
@@ -689,19 +701,41 @@ impl SlotNs {
     pub fn plan(&mut self, b: SlotBuild<'_>) -> Result<SandboxSetup, SandboxError> {
         let inside = |p: &str| c(p);
         let in_store = |name: &str| c(&format!("{}/{name}", b.store_dir));
-        let wanted: HashSet<&str> = b.closure.iter().copied().collect();
-        let stale: Vec<(Box<str>, EntryKind)> = self
-            .current
-            .iter()
-            .filter(|(n, _)| !wanted.contains(&***n))
-            .map(|(n, k)| (n.clone(), *k))
-            .collect();
-        let mut new = Vec::new();
-        for n in &b.closure {
-            if !self.current.contains_key(*n) {
-                new.push((*n, Entry::of(&b.real_store.join(n))?));
+        // The diff by dense ids: a stamp per id marks this closure.
+        self.stamp += 1;
+        let top = b.closure.iter().max().map_or(0, |m| *m as usize + 1);
+        if self.marks.len() < top {
+            self.marks.resize(top, 0);
+        }
+        for &id in &b.closure {
+            self.marks[id as usize] = self.stamp;
+        }
+        let mut stale: Vec<(Box<str>, EntryKind)> = Vec::new();
+        for &id in &self.view {
+            if self.marks[id as usize] != self.stamp {
+                let n = (b.name)(id);
+                if let Some(k) = self.current.get(n) {
+                    stale.push((n.into(), *k));
+                }
             }
         }
+        let mut new = Vec::new();
+        for &id in &b.closure {
+            let n = (b.name)(id);
+            if self.viewed.get(id as usize) != Some(&true) {
+                new.push((n, Entry::of(&b.real_store.join(n))?));
+            }
+        }
+        for &id in &self.view {
+            self.viewed[id as usize] = false;
+        }
+        if self.viewed.len() < top {
+            self.viewed.resize(top, false);
+        }
+        for &id in &b.closure {
+            self.viewed[id as usize] = true;
+        }
+        self.view = b.closure;
         let (store_fd, pool_fd) = (self.store_fd.as_raw_fd(), self.pool_fd.as_raw_fd());
         let mut ops = Vec::with_capacity(24 + 3 * (stale.len() + new.len()));
         // 0. Still in the daemon's mount namespace: a clone of the build directory.
