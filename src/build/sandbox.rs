@@ -208,6 +208,11 @@ pub enum Op {
         path: CString,
         data: CString,
     },
+    /// Gives the child new namespaces of these kinds (those the loop need not pay for in
+    /// clone: IPC, whose creation mounts a file system, and UTS).
+    Unshare {
+        flags: libc::c_int,
+    },
     /// Makes every mount private, so nothing propagates to the host.
     MakePrivate,
     Tmpfs {
@@ -362,6 +367,7 @@ impl Op {
     fn describe(&self) -> (&'static str, &[u8]) {
         match self {
             Op::WriteProc { path, .. } => ("write", path.as_bytes()),
+            Op::Unshare { .. } => ("create namespaces", b""),
             Op::MakePrivate => ("make mounts private", b""),
             Op::Tmpfs { target, .. } => ("mount tmpfs on", target.as_bytes()),
             Op::Mkdir { path, .. } => ("create directory", path.as_bytes()),
@@ -522,6 +528,7 @@ unsafe fn run_op(op: &Op, fds: &[Cell<libc::c_int>]) -> Result<(), i32> {
     let none = 0usize;
     match op {
         Op::WriteProc { path, data } => write_whole(path, libc::O_WRONLY, data.as_bytes()),
+        Op::Unshare { flags } => sys::sys1(libc::SYS_unshare, *flags as usize).map(drop),
         Op::MakePrivate => sys::mount(none, c"/", none, libc::MS_REC | libc::MS_PRIVATE, none),
         Op::Tmpfs { target, opts } => sys::mount(
             sys::p(c"tmpfs"),
