@@ -208,6 +208,13 @@ pub enum Op {
         path: CString,
         data: CString,
     },
+    /// Keeps the tmpfs at `target` for this build if the last one left it as it was made
+    /// (empty, mode 1777, owned by root, no extended attributes); otherwise moves it onto
+    /// `trash` and mounts a fresh one.
+    RecycleTmpfs {
+        target: CString,
+        trash: CString,
+    },
     /// Gives the child new namespaces of these kinds (those the loop need not pay for in
     /// clone: IPC, whose creation mounts a file system, and UTS).
     Unshare {
@@ -368,6 +375,7 @@ impl Op {
         match self {
             Op::WriteProc { path, .. } => ("write", path.as_bytes()),
             Op::Unshare { .. } => ("create namespaces", b""),
+            Op::RecycleTmpfs { target, .. } => ("recycle the tmpfs", target.as_bytes()),
             Op::MakePrivate => ("make mounts private", b""),
             Op::Tmpfs { target, .. } => ("mount tmpfs on", target.as_bytes()),
             Op::Mkdir { path, .. } => ("create directory", path.as_bytes()),
@@ -504,6 +512,59 @@ pub(super) unsafe fn run_ops(setup: &SandboxSetup) -> Result<(), (usize, i32)> {
     Ok(())
 }
 
+/// Whether the directory `path` is empty, mode 1777, owned by root:root and without
+/// extended attributes. Raw system calls only (runs between clone and exec).
+unsafe fn tmpfs_untouched(path: &std::ffi::CStr) -> Result<bool, i32> {
+    let fd = sys::open(
+        path,
+        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        0,
+    )?;
+    let check = || -> Result<bool, i32> {
+        let mut st: libc::stat = std::mem::zeroed();
+        sys::sys2(
+            libc::SYS_fstat,
+            fd as usize,
+            &mut st as *mut libc::stat as usize,
+        )?;
+        if st.st_mode != libc::S_IFDIR | 0o1777 || st.st_uid != 0 || st.st_gid != 0 {
+            return Ok(false);
+        }
+        if sys::sys3(libc::SYS_flistxattr, fd as usize, 0, 0)? != 0 {
+            return Ok(false);
+        }
+        // An empty directory lists `.` and `..` only: any other name means it was used.
+        let mut buf = [0u8; 1024];
+        loop {
+            let n = sys::sys3(
+                libc::SYS_getdents64,
+                fd as usize,
+                buf.as_mut_ptr() as usize,
+                buf.len(),
+            )?;
+            if n == 0 {
+                return Ok(true);
+            }
+            let mut at = 0;
+            while at + 19 < n {
+                let reclen = u16::from_ne_bytes([buf[at + 16], buf[at + 17]]) as usize;
+                let name = &buf[at + 19..at + reclen];
+                let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())];
+                if name != b"." && name != b".." {
+                    return Ok(false);
+                }
+                if reclen == 0 {
+                    return Ok(false);
+                }
+                at += reclen;
+            }
+        }
+    };
+    let r = check();
+    sys::close(fd);
+    r
+}
+
 fn exists_ok(r: Result<(), i32>) -> Result<(), i32> {
     match r {
         Err(libc::EEXIST) => Ok(()),
@@ -529,6 +590,19 @@ unsafe fn run_op(op: &Op, fds: &[Cell<libc::c_int>]) -> Result<(), i32> {
     match op {
         Op::WriteProc { path, data } => write_whole(path, libc::O_WRONLY, data.as_bytes()),
         Op::Unshare { flags } => sys::sys1(libc::SYS_unshare, *flags as usize).map(drop),
+        Op::RecycleTmpfs { target, trash } => {
+            if tmpfs_untouched(target)? {
+                return Ok(());
+            }
+            sys::mount(sys::p(target), trash, none, libc::MS_MOVE, none)?;
+            sys::mount(
+                sys::p(c"tmpfs"),
+                target,
+                sys::p(c"tmpfs"),
+                libc::MS_NOSUID | libc::MS_NODEV,
+                sys::p(c"mode=1777"),
+            )
+        }
         Op::MakePrivate => sys::mount(none, c"/", none, libc::MS_REC | libc::MS_PRIVATE, none),
         Op::Tmpfs { target, opts } => sys::mount(
             sys::p(c"tmpfs"),
@@ -1507,6 +1581,31 @@ impl Sandbox {
                 target: r(slot::TRASH),
                 opts: c(slot::TRASH_OPTS),
             });
+            // The template of each build's trash.
+            ops.push(Op::Mkdir {
+                path: r(slot::TRASH_TEMPLATE),
+                mode: 0,
+            });
+            ops.push(Op::MakeFile {
+                path: r(&format!("{}/f", slot::TRASH_TEMPLATE)),
+            });
+            ops.push(Op::Mkdir {
+                path: r(&format!("{}/d", slot::TRASH_TEMPLATE)),
+                mode: 0,
+            });
+            // /dev/shm and /tmp (unless the store is below it: then each build mounts
+            // its own), recycled from build to build while they are left untouched.
+            let tmps: &[&str] = if Path::new(&store_dir).starts_with("/tmp") {
+                &["/dev/shm"]
+            } else {
+                &["/dev/shm", "/tmp"]
+            };
+            for p in tmps {
+                ops.push(Op::Tmpfs {
+                    target: r(p),
+                    opts: c("mode=1777"),
+                });
+            }
             // The store as the new paths of each build are bound from: read-only,
             // private, idmapped as the store directory.
             ops.push(Op::Mkdir {

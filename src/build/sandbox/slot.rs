@@ -44,6 +44,9 @@ pub(super) const STORE_PARK: &str = "/.hauberk-store";
 /// bound from there (below the trash's directory, out of the builders' reach).
 pub(super) const STORE_VIEW: &str = "/.hauberk-trash/store";
 
+/// The keeper's template of each build's trash: a file `f` and a directory `d`.
+pub(super) const TRASH_TEMPLATE: &str = "/.hauberk-trash/t";
+
 /// The empty file in a slot's `pool/` that file mount points are hard links to.
 const EMPTY: &str = ".empty";
 
@@ -758,8 +761,6 @@ impl SlotNs {
         // over (unmounting waits for an RCU grace period). The trash lies below a
         // directory no builder may enter.
         let mounted = |k: &EntryKind| matches!(k, EntryKind::Dir | EntryKind::File);
-        let stale_mounts = stale.iter().any(|(_, k)| mounted(k));
-        let trash = self.per_build_mounted || stale_mounts;
         let trash_dir = format!("{TRASH}/{}", self.trash_next);
         // Two mount points in the trash, one for files and one for directories: each
         // mount moved there lands on top of the one before (a stack), and detaching the
@@ -772,46 +773,53 @@ impl SlotNs {
                 to: to.clone(),
             });
         };
-        if trash {
-            self.trash = Some(self.trash_next);
-            self.trash_next += 1;
-            ops.push(Op::Mkdir {
-                path: c(&trash_dir),
-                mode: 0,
-            });
-            ops.push(Op::Tmpfs {
-                target: c(&trash_dir),
-                opts: c("mode=0"),
-            });
-            ops.push(Op::MakeFile {
-                path: trash_f.clone(),
-            });
-            ops.push(Op::Mkdir {
-                path: trash_d.clone(),
-                mode: 0,
-            });
-            if self.per_build_mounted {
-                for p in ["/proc", "/dev/shm", "/build"] {
-                    to_trash(&mut ops, inside(p), false);
-                }
-            }
-            for (n, k) in &stale {
-                if mounted(k) {
-                    to_trash(&mut ops, in_store(n), *k == EntryKind::File);
-                }
+        // The trash: a bind of the keeper's template (a file `f` and a directory `d`),
+        // which costs less than a file system of its own.
+        self.trash = Some(self.trash_next);
+        self.trash_next += 1;
+        ops.push(Op::Mkdir {
+            path: c(&trash_dir),
+            mode: 0,
+        });
+        ops.push(Op::BindMount {
+            src: c(TRASH_TEMPLATE),
+            dst: c(&trash_dir),
+        });
+        if self.per_build_mounted {
+            for p in ["/proc", "/build"] {
+                to_trash(&mut ops, inside(p), false);
             }
         }
-        // Each build gets a fresh /tmp: a store below it is parked meanwhile (and
-        // brought back in step 3).
+        for (n, k) in &stale {
+            if mounted(k) {
+                to_trash(&mut ops, in_store(n), *k == EntryKind::File);
+            }
+        }
+        // /tmp and /dev/shm are the last build's if it left them as they were made, or
+        // fresh. A store below /tmp is parked meanwhile (and brought back in step 3), and
+        // that /tmp is always fresh.
+        ops.push(Op::RecycleTmpfs {
+            target: inside("/dev/shm"),
+            trash: trash_d.clone(),
+        });
         let store_in_tmp = Path::new(b.store_dir).starts_with("/tmp");
         if store_in_tmp {
             ops.push(Op::MoveTree {
                 from: inside(b.store_dir),
                 to: inside(STORE_PARK),
             });
-        }
-        if self.per_build_mounted {
-            to_trash(&mut ops, inside("/tmp"), false);
+            if self.per_build_mounted {
+                to_trash(&mut ops, inside("/tmp"), false);
+            }
+            ops.push(Op::Tmpfs {
+                target: inside("/tmp"),
+                opts: c("mode=1777"),
+            });
+        } else {
+            ops.push(Op::RecycleTmpfs {
+                target: inside("/tmp"),
+                trash: trash_d.clone(),
+            });
         }
         // 2. The mount points in the slot's directory, by descriptor: stale ones (no
         // longer mounted) go, new ones come.
@@ -900,12 +908,6 @@ impl SlotNs {
             fd: self.net.as_raw_fd(),
             nstype: libc::CLONE_NEWNET,
         });
-        for p in ["/tmp", "/dev/shm"] {
-            ops.push(Op::Tmpfs {
-                target: inside(p),
-                opts: c("mode=1777"),
-            });
-        }
         if store_in_tmp {
             super::mkdir_parents(&mut ops, &|p: &str| c(p), Path::new(b.store_dir));
             ops.push(Op::Mkdir {
