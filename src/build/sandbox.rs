@@ -1187,13 +1187,22 @@ impl Sandbox {
         };
         let mut moved = Ok(());
         for (_, p) in outputs {
-            let from = dir.join(p.base_name());
-            if fs::symlink_metadata(&from).is_ok() {
-                let to = store.real_path(p);
-                if let Err(e) = fs::rename(&from, &to) {
-                    moved = Err(io_err("move output", &from)(e));
-                    break;
+            let name = p.base_name();
+            // A slot renames by descriptor (short lookups); an output the builder did not
+            // make is simply not there.
+            let r = match slot.and_then(|k| self.slots[k].ns.as_ref()) {
+                Some(ns) => ns.move_out(name),
+                None => {
+                    let from = dir.join(name);
+                    match fs::symlink_metadata(&from) {
+                        Ok(_) => fs::rename(&from, store.real_path(p)),
+                        Err(_) => Ok(()),
+                    }
                 }
+            };
+            if let Err(e) = r {
+                moved = Err(io_err("move output", &dir.join(name))(e));
+                break;
             }
         }
         let result = killed.and(moved);
@@ -1209,7 +1218,11 @@ impl Sandbox {
         if result.is_ok() && succeeded {
             let real_store = Path::new(store.store_dir().as_str());
             if let Some(ns) = s.ns.as_mut() {
-                match ns.sweep(real_store).and_then(|()| ns.release(build_dir)) {
+                let outs: Vec<&str> = outputs.iter().map(|(_, p)| p.base_name()).collect();
+                match ns
+                    .sweep(real_store, &outs)
+                    .and_then(|()| ns.release(build_dir))
+                {
                     Ok(before) => {
                         return Released {
                             later: before.into_iter().collect(),

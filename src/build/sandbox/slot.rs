@@ -971,6 +971,31 @@ impl SlotNs {
         }
     }
 
+    /// Moves the output `name` the builder wrote from the slot's store directory into the
+    /// real store (by descriptor); not there is fine (the build's check says what is
+    /// missing).
+    pub fn move_out(&self, name: &str) -> io::Result<()> {
+        let n = c(name);
+        // SAFETY: renameat2 between two directories we hold open, NUL-terminated names.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_renameat2,
+                self.store_fd.as_raw_fd(),
+                n.as_ptr(),
+                self.real_store_fd.as_raw_fd(),
+                n.as_ptr(),
+                0,
+            )
+        };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::NotFound {
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
     /// After a successful build: asks the keeper to detach the build's trash, and holds
     /// `build_dir` (mounted at `/build` until the next build moves it away). Returns the
     /// build directory held before, now free to delete.
@@ -994,7 +1019,7 @@ impl SlotNs {
     /// After a successful build (outputs already moved out): removes whatever else the
     /// builder left in the store directory, so the next build sees only its closure.
     /// Looks only at the names the builder touched, when the watch can tell them.
-    pub fn sweep(&self, real_store: &Path) -> Result<(), SandboxError> {
+    pub fn sweep(&self, real_store: &Path, outputs: &[&str]) -> Result<(), SandboxError> {
         let store = self.dir.join("store");
         let touched = self.watch.drain().map_err(io_err("watch", &store))?;
         let Some(touched) = touched else {
@@ -1007,6 +1032,10 @@ impl SlotNs {
             )));
         }
         for name in &touched.names {
+            // Moved out already.
+            if name.to_str().is_some_and(|n| outputs.contains(&n)) {
+                continue;
+            }
             match name.to_str().and_then(|n| self.current.get(n)) {
                 Some(EntryKind::Symlink) => self.check_symlink(real_store, &store, name)?,
                 // The builder is not its owner and the directory is sticky: it is the
