@@ -1108,3 +1108,59 @@ fn a_root_builder_cannot_change_a_file_input() {
     assert_eq!((md.uid(), md.mode() & 0o7777), (0, 0o444));
     assert_eq!(std::fs::read_to_string(&dep.1).unwrap(), "original\n");
 }
+
+/// Reused sandboxes share an IPC namespace from build to build only while builds leave it
+/// empty: POSIX message queues or System V objects left by one build are not seen by the
+/// next.
+#[test]
+fn ipc_objects_do_not_reach_the_next_build() {
+    let Some(e) = Env::sandboxed("rv-ipc") else {
+        return;
+    };
+    if !Path::new("/usr/bin/ipcmk").exists() || !Path::new("/usr/bin/gcc").exists() {
+        eprintln!("skipped: needs ipcmk and gcc");
+        return;
+    }
+    // mq NAME CREATE: a program that opens (or makes) a POSIX message queue.
+    let mq = |name: &str, create: bool| {
+        let flags = if create { "O_CREAT | O_RDWR" } else { "O_RDWR" };
+        format!(
+            r#"printf '#include <mqueue.h>\n#include <fcntl.h>\nint main(void) {{ return mq_open("/hauberk-left", {flags}, 0600, 0) == (mqd_t)-1; }}\n' > /build/{name}.c
+               gcc -o /build/{name} /build/{name}.c -lrt"#
+        )
+    };
+    let look = |n: &str, after: &(String, String)| {
+        e.mk(
+            n,
+            &format!(
+                r#"{}
+                   {{ ipcs | grep -c '^0x' || true; }} > $out
+                   if /build/see; then echo MQ-SEEN; else echo no-mq; fi >> $out"#,
+                mq("see", false)
+            ),
+            &[after],
+            &[],
+        )
+    };
+    let leave_mq = e.mk(
+        "leave-mq",
+        &format!("{}; /build/make && echo mq-made > $out", mq("make", true)),
+        &[],
+        &[],
+    );
+    let look1 = look("look1", &leave_mq);
+    let leave_sysv = e.mk(
+        "leave-sysv",
+        "{ ipcmk -M 4096 && ipcmk -S 2 && ipcmk -Q; ipcs | grep -c '^0x'; } > $out 2>&1",
+        &[&look1],
+        &[],
+    );
+    let look2 = look("look2", &leave_sysv);
+    let o = e.build(&["--max-jobs", "1"], &[&look2.0]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(std::fs::read_to_string(&leave_mq.1).unwrap(), "mq-made\n");
+    assert_eq!(std::fs::read_to_string(&look1.1).unwrap(), "0\nno-mq\n");
+    let left = std::fs::read_to_string(&leave_sysv.1).unwrap();
+    assert!(left.ends_with("\n3\n"), "{left}");
+    assert_eq!(std::fs::read_to_string(&look2.1).unwrap(), "0\nno-mq\n");
+}

@@ -215,6 +215,13 @@ pub enum Op {
         target: CString,
         trash: CString,
     },
+    /// Joins the IPC namespace open as `fd` if it holds no System V object and no POSIX
+    /// message queue (those are listed in `mqueue`, its mqueue file system); otherwise
+    /// gives the child a new IPC namespace.
+    ReuseIpc {
+        fd: RawFd,
+        mqueue: CString,
+    },
     /// Gives the child new namespaces of these kinds (those the loop need not pay for in
     /// clone: IPC, whose creation mounts a file system, and UTS).
     Unshare {
@@ -375,6 +382,7 @@ impl Op {
         match self {
             Op::WriteProc { path, .. } => ("write", path.as_bytes()),
             Op::Unshare { .. } => ("create namespaces", b""),
+            Op::ReuseIpc { .. } => ("enter the slot's IPC namespace", b""),
             Op::RecycleTmpfs { target, .. } => ("recycle the tmpfs", target.as_bytes()),
             Op::MakePrivate => ("make mounts private", b""),
             Op::Tmpfs { target, .. } => ("mount tmpfs on", target.as_bytes()),
@@ -512,6 +520,79 @@ pub(super) unsafe fn run_ops(setup: &SandboxSetup) -> Result<(), (usize, i32)> {
     Ok(())
 }
 
+/// Whether this IPC namespace holds no shared memory segment, semaphore set or message
+/// queue, and its mqueue file system (mounted at `mqueue`) no POSIX message queue. Raw
+/// system calls only (runs between clone and exec).
+unsafe fn ipc_empty(mqueue: &std::ffi::CStr) -> Result<bool, i32> {
+    // <linux/shm.h>, <linux/sem.h>, <linux/msg.h>.
+    const SHM_INFO: usize = 14;
+    const SEM_INFO: usize = 19;
+    const MSG_INFO: usize = 12;
+    // The *_INFO commands count what exists; their structures are at most 128 bytes.
+    let mut buf = [0u64; 32];
+    let b = buf.as_mut_ptr() as usize;
+    // struct shm_info: int used_ids first.
+    sys::sys3(libc::SYS_shmctl, 0, SHM_INFO, b)?;
+    if buf[0] as u32 != 0 {
+        return Ok(false);
+    }
+    // struct seminfo: with SEM_INFO, semusz (sets in use) is the 8th int.
+    buf = [0; 32];
+    sys::call(libc::SYS_semctl, [0, 0, SEM_INFO, b, 0, 0])?;
+    if (buf[3] >> 32) as u32 != 0 {
+        return Ok(false);
+    }
+    // struct msginfo: with MSG_INFO, msgpool (queues in use) is the 1st int.
+    buf = [0; 32];
+    sys::sys3(libc::SYS_msgctl, 0, MSG_INFO, b)?;
+    if buf[0] as u32 != 0 {
+        return Ok(false);
+    }
+    dir_empty(mqueue)
+}
+
+/// Whether the directory `path` lists nothing but `.` and `..`.
+unsafe fn dir_empty(path: &std::ffi::CStr) -> Result<bool, i32> {
+    let fd = sys::open(
+        path,
+        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        0,
+    )?;
+    let r = dir_fd_empty(fd);
+    sys::close(fd);
+    r
+}
+
+/// Whether the directory open as `fd` lists nothing but `.` and `..`.
+unsafe fn dir_fd_empty(fd: libc::c_int) -> Result<bool, i32> {
+    let mut buf = [0u8; 1024];
+    loop {
+        let n = sys::sys3(
+            libc::SYS_getdents64,
+            fd as usize,
+            buf.as_mut_ptr() as usize,
+            buf.len(),
+        )?;
+        if n == 0 {
+            return Ok(true);
+        }
+        // struct linux_dirent64: ino (8), off (8), reclen (2), type (1), name.
+        let mut at = 0;
+        while at + 19 < n {
+            let reclen = u16::from_ne_bytes([buf[at + 16], buf[at + 17]]) as usize;
+            if reclen < 20 || at + reclen > n {
+                return Ok(false);
+            }
+            let name = &buf[at + 19..at + reclen];
+            let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())];
+            if name != b"." && name != b".." {
+                return Ok(false);
+            }
+            at += reclen;
+        }
+    }
+}
+
 /// Whether the directory `path` is empty, mode 1777, owned by root:root and without
 /// extended attributes. Raw system calls only (runs between clone and exec).
 unsafe fn tmpfs_untouched(path: &std::ffi::CStr) -> Result<bool, i32> {
@@ -533,32 +614,7 @@ unsafe fn tmpfs_untouched(path: &std::ffi::CStr) -> Result<bool, i32> {
         if sys::sys3(libc::SYS_flistxattr, fd as usize, 0, 0)? != 0 {
             return Ok(false);
         }
-        // An empty directory lists `.` and `..` only: any other name means it was used.
-        let mut buf = [0u8; 1024];
-        loop {
-            let n = sys::sys3(
-                libc::SYS_getdents64,
-                fd as usize,
-                buf.as_mut_ptr() as usize,
-                buf.len(),
-            )?;
-            if n == 0 {
-                return Ok(true);
-            }
-            let mut at = 0;
-            while at + 19 < n {
-                let reclen = u16::from_ne_bytes([buf[at + 16], buf[at + 17]]) as usize;
-                let name = &buf[at + 19..at + reclen];
-                let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())];
-                if name != b"." && name != b".." {
-                    return Ok(false);
-                }
-                if reclen == 0 {
-                    return Ok(false);
-                }
-                at += reclen;
-            }
-        }
+        dir_fd_empty(fd)
     };
     let r = check();
     sys::close(fd);
@@ -590,6 +646,13 @@ unsafe fn run_op(op: &Op, fds: &[Cell<libc::c_int>]) -> Result<(), i32> {
     match op {
         Op::WriteProc { path, data } => write_whole(path, libc::O_WRONLY, data.as_bytes()),
         Op::Unshare { flags } => sys::sys1(libc::SYS_unshare, *flags as usize).map(drop),
+        Op::ReuseIpc { fd, mqueue } => {
+            sys::sys2(libc::SYS_setns, *fd as usize, libc::CLONE_NEWIPC as usize)?;
+            if !ipc_empty(mqueue)? {
+                sys::sys1(libc::SYS_unshare, libc::CLONE_NEWIPC as usize)?;
+            }
+            Ok(())
+        }
         Op::RecycleTmpfs { target, trash } => {
             if tmpfs_untouched(target)? {
                 return Ok(());
@@ -1593,6 +1656,19 @@ impl Sandbox {
             ops.push(Op::Tmpfs {
                 target: r(slot::TRASH),
                 opts: c(slot::TRASH_OPTS),
+            });
+            // The POSIX message queues of the slot's IPC namespace (made with the
+            // keeper), where each build's child sees whether the last one left any.
+            ops.push(Op::Mkdir {
+                path: r(slot::MQUEUE),
+                mode: 0,
+            });
+            ops.push(Op::Mount {
+                src: c("mqueue"),
+                target: r(slot::MQUEUE),
+                fstype: c("mqueue"),
+                opts: c(""),
+                ro: false,
             });
             // The template of each build's trash.
             ops.push(Op::Mkdir {

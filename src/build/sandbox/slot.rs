@@ -47,6 +47,9 @@ pub(super) const STORE_VIEW: &str = "/.hauberk-trash/store";
 /// The keeper's template of each build's trash: a file `f` and a directory `d`.
 pub(super) const TRASH_TEMPLATE: &str = "/.hauberk-trash/t";
 
+/// Where the keeper mounts the POSIX message queues of the slot's IPC namespace.
+pub(super) const MQUEUE: &str = "/.hauberk-trash/mq";
+
 /// The empty file in a slot's `pool/` that file mount points are hard links to.
 const EMPTY: &str = ".empty";
 
@@ -118,6 +121,7 @@ pub(super) struct SlotKind<'a> {
 struct Made {
     mnt: OwnedFd,
     net: OwnedFd,
+    ipc: OwnedFd,
     keeper: Keeper,
     watch: StoreWatch,
     store_fd: OwnedFd,
@@ -130,6 +134,9 @@ struct Made {
 pub(super) struct SlotNs {
     mnt: OwnedFd,
     net: OwnedFd,
+    /// The slot's IPC namespace: each build joins it when the last build left it empty
+    /// (see `Op::ReuseIpc`), else gets a new one.
+    ipc: OwnedFd,
     /// Detaches each build's trash after it (and holds the namespaces too).
     keeper: Keeper,
     /// Events of the slot's store directory: what a builder did there.
@@ -543,6 +550,7 @@ impl SlotNs {
             Ok(m) => Ok(SlotNs {
                 mnt: m.mnt,
                 net: m.net,
+                ipc: m.ipc,
                 keeper: m.keeper,
                 watch: m.watch,
                 store_fd: m.store_fd,
@@ -619,7 +627,10 @@ impl SlotNs {
                     })
                     .max()
                     .unwrap_or(0);
-                let mut setup = SandboxSetup::new(libc::CLONE_NEWNS | libc::CLONE_NEWNET, ops);
+                let mut setup = SandboxSetup::new(
+                    libc::CLONE_NEWNS | libc::CLONE_NEWNET | libc::CLONE_NEWIPC,
+                    ops,
+                );
                 setup.fds = vec![std::cell::Cell::new(-1); slots];
                 setup
             },
@@ -661,7 +672,7 @@ impl SlotNs {
         };
         let opened = if n == 1 && msg[0] == b'K' {
             open_ns(pid, "mnt")
-                .and_then(|m| Ok((m, open_ns(pid, "net")?)))
+                .and_then(|m| Ok((m, open_ns(pid, "net")?, open_ns(pid, "ipc")?)))
                 .and_then(|ns| {
                     let fd = keeper.cmd.as_ref().map_or(-1, |f| f.as_raw_fd());
                     // SAFETY: fcntl on our own descriptor.
@@ -674,9 +685,10 @@ impl SlotNs {
             Err(io::Error::other("the slot keeper failed"))
         };
         match opened {
-            Ok((mnt, net)) => Ok(Made {
+            Ok((mnt, net, ipc)) => Ok(Made {
                 mnt,
                 net,
+                ipc,
                 keeper,
                 watch,
                 store_fd,
@@ -741,9 +753,9 @@ impl SlotNs {
         self.view = b.closure;
         let (store_fd, pool_fd) = (self.store_fd.as_raw_fd(), self.pool_fd.as_raw_fd());
         let mut ops = Vec::with_capacity(24 + 3 * (stale.len() + new.len()));
-        // The PID namespace comes with clone; the others cost the loop nothing here.
+        // The PID namespace comes with clone; a UTS namespace costs the loop nothing here.
         ops.push(Op::Unshare {
-            flags: libc::CLONE_NEWIPC | libc::CLONE_NEWUTS,
+            flags: libc::CLONE_NEWUTS,
         });
         // 0. Still in the daemon's mount namespace: a clone of the build directory.
         ops.push(Op::OpenTree {
@@ -773,6 +785,11 @@ impl SlotNs {
                 to: to.clone(),
             });
         };
+        // The slot's IPC namespace, if the last build left nothing in it.
+        ops.push(Op::ReuseIpc {
+            fd: self.ipc.as_raw_fd(),
+            mqueue: c(MQUEUE),
+        });
         // The trash: a bind of the keeper's template (a file `f` and a directory `d`),
         // which costs less than a file system of its own.
         self.trash = Some(self.trash_next);
