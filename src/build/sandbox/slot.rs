@@ -84,6 +84,7 @@ pub(super) enum EntryKind {
 }
 
 /// A new entry to make: as `EntryKind`, with a symbolic link's target.
+#[derive(Clone, Debug)]
 enum Entry {
     Dir,
     /// With its link count.
@@ -165,6 +166,8 @@ pub(super) struct SlotNs {
     /// find what left it (no hashing of the whole closure per build).
     view: Vec<u32>,
     viewed: Vec<bool>,
+    /// What each path seen so far is (by id).
+    kinds: HashMap<u32, Entry>,
     marks: Vec<u32>,
     stamp: u32,
     /// Names (numbers) of the spare directories in `pool/`, and the last number used.
@@ -393,7 +396,7 @@ impl StoreWatch {
     /// Reads every pending event. `None` when they cannot tell what happened (the queue
     /// overflowed, or the mark is missing): then the directory must be listed.
     fn drain(&self) -> io::Result<Option<Touched>> {
-        let mut buf = vec![0u8; 64 * 1024];
+        let mut buf = [0u8; 16 * 1024];
         let mut marked = false;
         let mut lost = false;
         let mut touched = Touched::default();
@@ -564,6 +567,7 @@ impl SlotNs {
                 current: HashMap::new(),
                 view: Vec::new(),
                 viewed: Vec::new(),
+                kinds: HashMap::new(),
                 marks: Vec::new(),
                 stamp: 0,
                 pool: Vec::new(),
@@ -738,7 +742,16 @@ impl SlotNs {
         for &id in &b.closure {
             let n = (b.name)(id);
             if self.viewed.get(id as usize) != Some(&true) {
-                new.push((n, Entry::of(&b.real_store.join(n))?));
+                // What a store path is never changes: looked up once per slot.
+                let entry = match self.kinds.get(&id) {
+                    Some(e) => e.clone(),
+                    None => {
+                        let e = Entry::of(&b.real_store.join(n))?;
+                        self.kinds.insert(id, e.clone());
+                        e
+                    }
+                };
+                new.push((n, entry));
             }
         }
         for &id in &self.view {
