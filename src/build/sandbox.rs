@@ -1311,6 +1311,17 @@ impl Sandbox {
         }
     }
 
+    /// Whether the path `id` is in the store view of the reused slot the next build will
+    /// get; `None` when there is no such slot yet (or no reuse). For the worker's choice
+    /// of the next build: one whose inputs the slot holds has less to change.
+    pub fn in_next_view(&self, id: u32) -> Option<bool> {
+        if !self.reuse || self.cfg.mode == SandboxMode::Off {
+            return None;
+        }
+        let slot = self.slots.iter().find(|s| !s.busy)?;
+        slot.ns.as_ref().map(|ns| ns.holds(id))
+    }
+
     /// Decides how `drv` is isolated and takes a build user; [`Begin::UsersBusy`] when
     /// every build user is busy. An unusable group is an error.
     pub fn begin(

@@ -314,6 +314,8 @@ pub struct Worker {
     hash_mismatch: bool,
     sandbox: Sandbox,
     timings: BuildTimings,
+    /// How many times in a row the front of the slot queue was passed over.
+    front_passed: u32,
 }
 
 fn io_msg(e: impl fmt::Display) -> Failure {
@@ -353,6 +355,7 @@ impl Worker {
             timed_out: false,
             hash_mismatch: false,
             timings: BuildTimings::default(),
+            front_passed: 0,
         }
     }
 

@@ -1001,6 +1001,11 @@ impl SlotNs {
         }
     }
 
+    /// Whether the path `id` is in the store view now.
+    pub fn holds(&self, id: u32) -> bool {
+        self.viewed.get(id as usize) == Some(&true)
+    }
+
     /// Moves the output `name` the builder wrote from the slot's store directory into the
     /// real store (by descriptor); not there is fine (the build's check says what is
     /// missing).
