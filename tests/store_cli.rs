@@ -1191,3 +1191,16 @@ fn bad_input_is_refused_with_a_reason() {
         0
     );
 }
+
+/// The staging directory is its owner's only: what is staged there, and the outputs of
+/// sandboxed builds in progress (which may belong to the builder), are nobody else's.
+#[test]
+fn staging_directory_is_private() {
+    let st = Store::new("staging-mode");
+    st.add_text("x", "x\n", &[]);
+    let staging = Path::new(&st.dir).join(".hauberk-tmp");
+    fs::set_permissions(&staging, fs::Permissions::from_mode(0o755)).unwrap();
+    st.add_text("y", "y\n", &[]);
+    let mode = fs::metadata(&staging).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "{mode:o}");
+}

@@ -251,6 +251,14 @@ impl LocalStore {
     fn remove_dead_staging(&self) -> Result<(), StoreError> {
         let dir = self.staging_dir();
         fs::create_dir_all(&dir).map_err(io_err("create staging directory", &dir))?;
+        // Only its owner may enter: what is staged there (and the outputs of sandboxed
+        // builds in progress, which may belong to the builder's uid) is nobody else's.
+        if let Ok(md) = fs::metadata(&dir) {
+            use std::os::unix::fs::PermissionsExt;
+            if md.permissions().mode() & 0o777 != 0o700 {
+                let _ = fs::set_permissions(&dir, fs::Permissions::from_mode(0o700));
+            }
+        }
         let rd = fs::read_dir(&dir).map_err(io_err("read staging directory", &dir))?;
         for e in rd {
             let e = e.map_err(io_err("read staging directory", &dir))?;
