@@ -173,13 +173,7 @@ pub fn probe() -> Result<(), String> {
     if pid < 0 {
         return Err(format!("create namespaces: {}", io::Error::last_os_error()));
     }
-    let mut st = 0;
-    // SAFETY: waiting for our own child.
-    while unsafe { libc::waitpid(pid, &mut st, 0) } < 0 {
-        if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
-            return Err(format!("wait for probe: {}", io::Error::last_os_error()));
-        }
-    }
+    let st = wait_child(pid).map_err(|e| format!("wait for probe: {e}"))?;
     if libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 0 {
         Ok(())
     } else if libc::WIFEXITED(st) {
@@ -190,6 +184,20 @@ pub fn probe() -> Result<(), String> {
     } else {
         Err("namespace probe was killed".into())
     }
+}
+
+/// Waits for our own child `pid` to exit (blocking: children that exit at once, as the
+/// probe, the killer and slot keepers told to stop); its wait status.
+pub(super) fn wait_child(pid: libc::pid_t) -> io::Result<libc::c_int> {
+    let mut st = 0;
+    // SAFETY: waiting for our own child.
+    while unsafe { libc::waitpid(pid, &mut st, 0) } < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+    Ok(st)
 }
 
 fn c(s: &str) -> CString {
@@ -1083,15 +1091,7 @@ pub fn kill_user(uid: u32) -> Result<(), SandboxError> {
             }
         }
     }
-    let mut st = 0;
-    // SAFETY: waiting for our own child.
-    while unsafe { libc::waitpid(pid, &mut st, 0) } < 0 {
-        if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
-            return Err(io_err("wait for the killer of", &who)(
-                io::Error::last_os_error(),
-            ));
-        }
-    }
+    let st = wait_child(pid).map_err(io_err("wait for the killer of", &who))?;
     if libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 0 {
         Ok(())
     } else {

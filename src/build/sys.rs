@@ -143,14 +143,26 @@ pub unsafe fn rmdir(path: &CStr) -> Result<(), i32> {
     .map(drop)
 }
 
-pub unsafe fn renameat(
+/// A call on two paths, each relative to a directory (`renameat2` with no flags,
+/// `linkat` not following symbolic links).
+unsafe fn two_at(
+    nr: libc::c_long,
     from_dir: libc::c_int,
     from: &CStr,
     to_dir: libc::c_int,
     to: &CStr,
 ) -> Result<(), i32> {
     let (fd, td) = (from_dir as isize as usize, to_dir as isize as usize);
-    call(libc::SYS_renameat2, [fd, p(from), td, p(to), 0, 0]).map(drop)
+    call(nr, [fd, p(from), td, p(to), 0, 0]).map(drop)
+}
+
+pub unsafe fn renameat(
+    from_dir: libc::c_int,
+    from: &CStr,
+    to_dir: libc::c_int,
+    to: &CStr,
+) -> Result<(), i32> {
+    two_at(libc::SYS_renameat2, from_dir, from, to_dir, to)
 }
 
 pub unsafe fn linkat(
@@ -159,8 +171,7 @@ pub unsafe fn linkat(
     to_dir: libc::c_int,
     to: &CStr,
 ) -> Result<(), i32> {
-    let (fd, td) = (from_dir as isize as usize, to_dir as isize as usize);
-    call(libc::SYS_linkat, [fd, p(from), td, p(to), 0, 0]).map(drop)
+    two_at(libc::SYS_linkat, from_dir, from, to_dir, to)
 }
 
 pub unsafe fn mkdirat(dir: libc::c_int, path: &CStr, mode: u32) -> Result<(), i32> {

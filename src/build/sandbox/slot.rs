@@ -118,21 +118,9 @@ pub(super) struct SlotKind<'a> {
     pub real_store: &'a Path,
 }
 
-/// What `SlotNs::make` opened.
-struct Made {
-    mnt: OwnedFd,
-    net: OwnedFd,
-    ipc: OwnedFd,
-    keeper: Keeper,
-    watch: StoreWatch,
-    store_fd: OwnedFd,
-    pool_fd: OwnedFd,
-    real_store_fd: OwnedFd,
-}
-
-/// A made slot: its namespaces and what its store view holds now.
+/// What `SlotNs::make` opened and the slot holds.
 #[derive(Debug)]
-pub(super) struct SlotNs {
+struct SlotFds {
     mnt: OwnedFd,
     net: OwnedFd,
     /// The slot's IPC namespace: each build joins it when the last build left it empty
@@ -148,6 +136,12 @@ pub(super) struct SlotNs {
     pool_fd: OwnedFd,
     /// The real store directory, open: file inputs are hard links of its files.
     real_store_fd: OwnedFd,
+}
+
+/// A made slot: its namespaces and what its store view holds now.
+#[derive(Debug)]
+pub(super) struct SlotNs {
+    fds: SlotFds,
     /// File inputs are hard links (the builder is never their owner: a build user, or
     /// root through an idmapped mount), not mounts.
     hardlinks: bool,
@@ -320,11 +314,7 @@ impl Drop for Keeper {
     fn drop(&mut self) {
         // The keeper reads end of file and exits.
         drop(self.cmd.take());
-        let mut st = 0;
-        // SAFETY: waiting for our own child.
-        while unsafe { libc::waitpid(self.pid, &mut st, 0) } < 0
-            && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted
-        {}
+        let _ = super::wait_child(self.pid);
     }
 }
 
@@ -490,12 +480,9 @@ pub(super) fn idmap_userns(store_dir: &Path) -> Result<OwnedFd, String> {
         }
         open_ns(pid, "user").map_err(|e| format!("open /proc/{pid}/ns/user: {e}"))
     })();
-    let mut st = 0;
-    // SAFETY: killing and waiting for our own child.
+    // SAFETY: killing our own child.
     unsafe { libc::kill(pid, libc::SIGKILL) };
-    while unsafe { libc::waitpid(pid, &mut st, 0) } < 0
-        && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted
-    {}
+    let _ = super::wait_child(pid);
     let userns = made?;
     // Whether the store's file system takes it: a detached, idmapped clone, dropped.
     let p = cp(store_dir);
@@ -550,15 +537,8 @@ impl SlotNs {
     /// steps `ops` (which must bind `dir/store` at the store path and pivot_root).
     pub fn create(dir: PathBuf, how: SlotKind<'_>, ops: Vec<Op>) -> Result<SlotNs, SandboxError> {
         match SlotNs::make(&dir, &how, ops) {
-            Ok(m) => Ok(SlotNs {
-                mnt: m.mnt,
-                net: m.net,
-                ipc: m.ipc,
-                keeper: m.keeper,
-                watch: m.watch,
-                store_fd: m.store_fd,
-                pool_fd: m.pool_fd,
-                real_store_fd: m.real_store_fd,
+            Ok(fds) => Ok(SlotNs {
+                fds,
                 hardlinks: how.idmap >= 0 || how.store_group.is_some(),
                 trash_next: 0,
                 trash: None,
@@ -582,7 +562,7 @@ impl SlotNs {
         }
     }
 
-    fn make(dir: &Path, how: &SlotKind<'_>, ops: Vec<Op>) -> Result<Made, SandboxError> {
+    fn make(dir: &Path, how: &SlotKind<'_>, ops: Vec<Op>) -> Result<SlotFds, SandboxError> {
         let store = dir.join("store");
         let pool = dir.join("pool");
         for d in [dir, &store, &pool] {
@@ -689,7 +669,7 @@ impl SlotNs {
             Err(io::Error::other("the slot keeper failed"))
         };
         match opened {
-            Ok((mnt, net, ipc)) => Ok(Made {
+            Ok((mnt, net, ipc)) => Ok(SlotFds {
                 mnt,
                 net,
                 ipc,
@@ -764,7 +744,7 @@ impl SlotNs {
             self.viewed[id as usize] = true;
         }
         self.view = b.closure;
-        let (store_fd, pool_fd) = (self.store_fd.as_raw_fd(), self.pool_fd.as_raw_fd());
+        let (store_fd, pool_fd) = (self.fds.store_fd.as_raw_fd(), self.fds.pool_fd.as_raw_fd());
         let mut ops = Vec::with_capacity(24 + 3 * (stale.len() + new.len()));
         // The PID namespace comes with clone; a UTS namespace costs the loop nothing here.
         ops.push(Op::Unshare {
@@ -778,7 +758,7 @@ impl SlotNs {
             idmap: -1,
         });
         ops.push(Op::SetNs {
-            fd: self.mnt.as_raw_fd(),
+            fd: self.fds.mnt.as_raw_fd(),
             nstype: libc::CLONE_NEWNS,
         });
         // 1. The last build's mounts and the stale paths are moved under a tmpfs of this
@@ -800,7 +780,7 @@ impl SlotNs {
         };
         // The slot's IPC namespace, if the last build left nothing in it.
         ops.push(Op::ReuseIpc {
-            fd: self.ipc.as_raw_fd(),
+            fd: self.fds.ipc.as_raw_fd(),
             mqueue: c(MQUEUE),
         });
         // The trash: a bind of the keeper's template (a file `f` and a directory `d`),
@@ -897,7 +877,7 @@ impl SlotNs {
                 // one, and one per slot).
                 Entry::File(nlink) if self.hardlinks && nlink < 60_000 => {
                     ops.push(Op::Link {
-                        from_dir: self.real_store_fd.as_raw_fd(),
+                        from_dir: self.fds.real_store_fd.as_raw_fd(),
                         from: c(n),
                         to_dir: store_fd,
                         to: c(n),
@@ -935,7 +915,7 @@ impl SlotNs {
         ops.push(Op::Touch { fd: store_fd });
         // 3. Everything in place, fresh /proc, /tmp and /dev/shm, in the slot's network.
         ops.push(Op::SetNs {
-            fd: self.net.as_raw_fd(),
+            fd: self.fds.net.as_raw_fd(),
             nstype: libc::CLONE_NEWNET,
         });
         if store_in_tmp {
@@ -1015,9 +995,9 @@ impl SlotNs {
         let r = unsafe {
             libc::syscall(
                 libc::SYS_renameat2,
-                self.store_fd.as_raw_fd(),
+                self.fds.store_fd.as_raw_fd(),
                 n.as_ptr(),
-                self.real_store_fd.as_raw_fd(),
+                self.fds.real_store_fd.as_raw_fd(),
                 n.as_ptr(),
                 0,
             )
@@ -1036,7 +1016,7 @@ impl SlotNs {
     /// build directory held before, now free to delete.
     pub fn release(&mut self, build_dir: &Path) -> Result<Option<PathBuf>, SandboxError> {
         if let Some(id) = self.trash.take() {
-            if !self.keeper.detach(id) {
+            if !self.fds.keeper.detach(id) {
                 return Err(SandboxError::Setup(format!(
                     "cannot reach the keeper of sandbox slot {}",
                     self.dir.display()
@@ -1056,7 +1036,7 @@ impl SlotNs {
     /// Looks only at the names the builder touched, when the watch can tell them.
     pub fn sweep(&self, real_store: &Path, outputs: &[&str]) -> Result<(), SandboxError> {
         let store = self.dir.join("store");
-        let touched = self.watch.drain().map_err(io_err("watch", &store))?;
+        let touched = self.fds.watch.drain().map_err(io_err("watch", &store))?;
         let Some(touched) = touched else {
             return self.sweep_all(real_store, &store);
         };
