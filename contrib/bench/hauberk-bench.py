@@ -43,7 +43,10 @@ def main():
     salt = "h%d%d" % (time.time_ns() % 10**9, os.getpid())
     d = os.path.join(a.work, "%s-%d-%s" % (a.shape, a.n, salt))
     os.makedirs(os.path.join(d, "json"), exist_ok=True)
-    os.makedirs(os.path.join(d, "tmp"), exist_ok=True)
+    # Build directories go below TMP_BASE when set (a tmpfs, say), else below the store.
+    tmp = os.path.join(os.environ["TMP_BASE"], os.path.basename(d)) if os.environ.get("TMP_BASE") \
+        else os.path.join(d, "tmp")
+    os.makedirs(tmp, exist_ok=True)
     jobs = os.path.join(d, "jobs.txt")
     subprocess.run([sys.executable, os.path.join(SHARED, "gen-graph.py"), "--shape", a.shape,
                     "-n", str(a.n), "--layers", str(a.layers), "--seed", str(a.seed),
@@ -90,7 +93,7 @@ def main():
     roots = [drv[n[0]] for n in nodes if n[0] not in depended]
     cmd = ["/usr/bin/time", "-f", "%U %S %M", "-o", os.path.join(d, "time")] + base + [
         "build", "--max-jobs", str(a.jobs), "--stats"] + (a.build_arg or ["--no-sandbox"]) + roots
-    env = dict(os.environ, TMPDIR=os.path.join(d, "tmp"))
+    env = dict(os.environ, TMPDIR=tmp)
     # Do not bill the build for writing back the setup's files (its syncfs would).
     os.sync()
     t0 = time.time()
