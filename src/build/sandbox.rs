@@ -158,21 +158,9 @@ pub fn probe() -> Result<(), String> {
         opts: c("size=1m"),
     });
     let setup = SandboxSetup::new(base_flags() | libc::CLONE_NEWNET, ops);
-    let mut stack = vec![0u8; 64 * 1024];
-    // SAFETY: the stack top is inside `stack`, 16-byte aligned; without CLONE_VM the child
-    // has its own copy of `setup`.
-    let pid = unsafe {
-        let top = stack.as_mut_ptr().add(stack.len()) as usize & !15;
-        libc::clone(
-            probe_child,
-            top as *mut libc::c_void,
-            setup.flags | libc::SIGCHLD,
-            &setup as *const SandboxSetup as *mut libc::c_void,
-        )
-    };
-    if pid < 0 {
-        return Err(format!("create namespaces: {}", io::Error::last_os_error()));
-    }
+    let arg = &setup as *const SandboxSetup as *mut libc::c_void;
+    let pid =
+        clone_copy(probe_child, setup.flags, arg).map_err(|e| format!("create namespaces: {e}"))?;
     let st = wait_child(pid).map_err(|e| format!("wait for probe: {e}"))?;
     if libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 0 {
         Ok(())
@@ -184,6 +172,26 @@ pub fn probe() -> Result<(), String> {
     } else {
         Err("namespace probe was killed".into())
     }
+}
+
+/// Clones a child that runs `f(arg)` on a copy of our memory (no `CLONE_VM`: it may use
+/// anything, and `arg` points into its copy), with `flags` (namespaces) and SIGCHLD.
+pub(super) fn clone_copy(
+    f: extern "C" fn(*mut libc::c_void) -> libc::c_int,
+    flags: libc::c_int,
+    arg: *mut libc::c_void,
+) -> io::Result<libc::pid_t> {
+    let mut stack = vec![0u8; 64 * 1024];
+    // SAFETY: the stack top is inside `stack`, 16-byte aligned; without CLONE_VM the child
+    // runs on its own copy of it (and of what `arg` points to).
+    let pid = unsafe {
+        let top = stack.as_mut_ptr().add(stack.len()) as usize & !15;
+        libc::clone(f, top as *mut libc::c_void, flags | libc::SIGCHLD, arg)
+    };
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(pid)
 }
 
 /// Waits for our own child `pid` to exit (blocking: children that exit at once, as the

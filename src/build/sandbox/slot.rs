@@ -455,24 +455,8 @@ pub(super) fn idmap_userns(store_dir: &Path) -> Result<OwnedFd, String> {
             }
         }
     }
-    let mut stack = vec![0u8; 16 * 1024];
-    // SAFETY: the stack top is inside `stack`, 16-byte aligned; the child (no CLONE_VM)
-    // only waits to be killed.
-    let pid = unsafe {
-        let top = stack.as_mut_ptr().add(stack.len()) as usize & !15;
-        libc::clone(
-            wait_main,
-            top as *mut libc::c_void,
-            libc::CLONE_NEWUSER | libc::SIGCHLD,
-            std::ptr::null_mut(),
-        )
-    };
-    if pid < 0 {
-        return Err(format!(
-            "create a user namespace: {}",
-            io::Error::last_os_error()
-        ));
-    }
+    let pid = super::clone_copy(wait_main, libc::CLONE_NEWUSER, std::ptr::null_mut())
+        .map_err(|e| format!("create a user namespace: {e}"))?;
     let made = (|| {
         for map in ["uid_map", "gid_map"] {
             fs::write(format!("/proc/{pid}/{map}"), MAP)
@@ -622,23 +606,9 @@ impl SlotNs {
             cmd_r: cmd_r.as_raw_fd(),
             idmap: how.idmap,
         };
-        let mut stack = vec![0u8; 64 * 1024];
-        // SAFETY: the stack top is inside `stack`, 16-byte aligned; without CLONE_VM the
-        // keeper works on its own copy of `args`.
-        let pid = unsafe {
-            let top = stack.as_mut_ptr().add(stack.len()) as usize & !15;
-            libc::clone(
-                keeper_main,
-                top as *mut libc::c_void,
-                args.setup.flags | libc::SIGCHLD,
-                &args as *const KeeperArgs as *mut libc::c_void,
-            )
-        };
-        if pid < 0 {
-            return Err(io_err("create namespaces for", what)(
-                io::Error::last_os_error(),
-            ));
-        }
+        let arg = &args as *const KeeperArgs as *mut libc::c_void;
+        let pid = super::clone_copy(keeper_main, args.setup.flags, arg)
+            .map_err(io_err("create namespaces for", what))?;
         drop(ready_w);
         drop(cmd_r);
         // From here on, dropping the keeper closes its pipe and reaps it.
