@@ -1,28 +1,38 @@
-//! Reused sandboxes: one long-lived mount and network namespace per build slot, whose
-//! store view is brought from the last build's input closure to the next one by binding
-//! and unbinding only the paths that differ. It knows the namespaces, the on-disk slot
-//! directory and the diff; it knows nothing of goals, logs or which build holds a slot
-//! (the worker asks `Sandbox` for a slot and gives it back).
+//! Reused sandboxes: one long-lived mount, network and IPC namespace per build slot, whose
+//! store view is brought from the last build's input closure to the next one by changing
+//! only the paths that differ. It knows the namespaces, the slot's keeper process, the
+//! on-disk slot directory and the diff; it knows nothing of goals, logs or which build
+//! holds a slot (the worker asks `Sandbox` for a slot and gives it back).
 //!
-//! A slot's namespace is made once by a short-lived keeper child: a private tmpfs root
-//! with `/dev`, `/etc`, `/proc`, `/tmp`, `/build` mount points, the `--sandbox-paths`
-//! binds, the loopback interface up, and the slot's on-disk store directory bound at the
-//! store path; then pivot_root. The daemon keeps the namespaces open by file descriptor.
+//! A slot is made once by its keeper, a child that stays for the life of the slot: a
+//! private tmpfs root with `/dev`, `/etc`, `/proc`, `/build` mount points, a tmpfs on
+//! `/tmp` and `/dev/shm`, the `--sandbox-paths` binds, the loopback interface up, the
+//! slot's on-disk store directory at the store path, and below `/.hauberk-trash` (a
+//! tmpfs no builder may enter) a read-only view of the store, the IPC namespace's mqueue
+//! file system and the template of each build's trash; then pivot_root. The daemon holds
+//! the namespaces by descriptor; the keeper, told each finished build's number, detaches
+//! that build's trash (an unmount waits for an RCU grace period: there it keeps nobody
+//! waiting).
 //!
-//! Each build's child (new PID, IPC and UTS namespaces of its own) then:
-//! 1. enters the slot's mount namespace and moves the last build's `/proc`, `/dev/shm`,
-//!    `/build` and the store paths that left the closure onto a trash tmpfs;
-//! 2. goes back to the host's mount namespace, removes the stale mount points from the
-//!    slot directory, makes the new ones and clones (`open_tree`) each new store path
-//!    (read-only, private), and the build directory;
-//! 3. enters the slot's mount and network namespaces again, moves the old `/tmp` to the
-//!    trash and detaches the trash in one go, moves the clones into place (`move_mount`),
-//!    mounts a fresh `/proc`, `/tmp` and `/dev/shm`, writes `/etc/passwd` and
-//!    `/etc/group` when the build user changed, and goes on to exec the builder.
+//! Each build's child (a new PID namespace from clone, a new UTS one by unshare) then:
+//! 1. clones the build directory, enters the slot's mount namespace, joins the slot's IPC
+//!    namespace if the last build left it empty (else makes a new one), binds the
+//!    template as its trash and moves the last build's `/proc` and `/build` and the stale
+//!    directory inputs onto it, and keeps `/tmp` and `/dev/shm` if left as made (else
+//!    replaces them);
+//! 2. removes and makes the entries of the slot's store directory by descriptor (no trip
+//!    back to the host's namespace): file inputs are hard links of the store's own files
+//!    (a builder cannot change them: a build user is not their owner, and root sees the
+//!    store through idmapped mounts on which they are `nobody`'s), directories are mount
+//!    points recycled through a pool by rename; then marks the end of its changes for the
+//!    store directory's inotify watch;
+//! 3. enters the slot's network namespace, attaches `/build`, binds the new directory
+//!    inputs from the store view, mounts `/proc`, writes `/etc/passwd` and `/etc/group`
+//!    when the build user changed, and goes on to exec the builder.
 //!
-//! Mount points of directories are recycled through a pool directory by rename (making
-//! and removing inodes is the slow part on most file systems). A slot whose build did not
-//! succeed is thrown away and made again, so a half-applied diff is never reused.
+//! After a successful build the outputs move into the store, and only the names the
+//! builder touched after the mark are swept. A slot whose build did not succeed is thrown
+//! away and made again, so a half-applied diff is never reused.
 
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -720,7 +730,7 @@ impl SlotNs {
         ops.push(Op::Unshare {
             flags: libc::CLONE_NEWUTS,
         });
-        // 0. Still in the daemon's mount namespace: a clone of the build directory.
+        // 1. Still in the daemon's mount namespace: a clone of the build directory.
         ops.push(Op::OpenTree {
             src: cp(b.build_dir),
             slot: 0,
@@ -731,7 +741,7 @@ impl SlotNs {
             fd: self.fds.mnt.as_raw_fd(),
             nstype: libc::CLONE_NEWNS,
         });
-        // 1. The last build's mounts and the stale paths are moved under a tmpfs of this
+        // The last build's mounts and the stale paths are moved under a mount of this
         // build's own, the trash, which the keeper detaches in one go once this build is
         // over (unmounting waits for an RCU grace period). The trash lies below a
         // directory no builder may enter.
@@ -883,7 +893,7 @@ impl SlotNs {
         }
         // The mark: what the store directory's watch sees after it is the builder's.
         ops.push(Op::Touch { fd: store_fd });
-        // 3. Everything in place, fresh /proc, /tmp and /dev/shm, in the slot's network.
+        // 3. Everything in place and a fresh /proc, in the slot's network namespace.
         ops.push(Op::SetNs {
             fd: self.fds.net.as_raw_fd(),
             nstype: libc::CLONE_NEWNET,
