@@ -314,7 +314,7 @@ pub enum Op {
     /// For a builder that stays root: drops every capability, for good (see
     /// `drop_caps`), so it can neither mount, leave its namespaces nor reach the host.
     DropCaps,
-    /// Enters the namespace open as `fd` (a slot's, or the host's mount namespace).
+    /// Enters the namespace open as `fd` (one of a reused slot's).
     SetNs {
         fd: RawFd,
         nstype: libc::c_int,
