@@ -1847,16 +1847,20 @@ impl Sandbox {
             return Ok(p.clone());
         }
         let p = store.staging_path();
-        fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&p)
-            .map_err(io_err("create", &p))?;
-        fs::set_permissions(&p, fs::Permissions::from_mode(0o444))
-            .map_err(io_err("change mode of", &p))?;
+        make_empty_file(&p)?;
         self.empty = Some(p.clone());
         Ok(p)
     }
+}
+
+/// Creates `p`, an empty read-only file (the target of mount points' hard links).
+pub(super) fn make_empty_file(p: &Path) -> Result<(), SandboxError> {
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(p)
+        .map_err(io_err("create", p))?;
+    fs::set_permissions(p, fs::Permissions::from_mode(0o444)).map_err(io_err("change mode of", p))
 }
 
 impl Drop for Sandbox {

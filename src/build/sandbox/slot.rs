@@ -576,14 +576,7 @@ impl SlotNs {
             fs::set_permissions(&store, fs::Permissions::from_mode(0o1777))
                 .map_err(io_err("change mode of", &store))?;
         }
-        let empty = pool.join(EMPTY);
-        fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&empty)
-            .map_err(io_err("create", &empty))?;
-        fs::set_permissions(&empty, fs::Permissions::from_mode(0o444))
-            .map_err(io_err("change mode of", &empty))?;
+        super::make_empty_file(&pool.join(EMPTY))?;
         let open_dir = |d: &Path| {
             fs::File::open(d)
                 .map(OwnedFd::from)
