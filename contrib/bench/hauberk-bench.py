@@ -7,6 +7,9 @@ usage: hauberk-bench.py SHAPE N [--jobs 2] [--layers 20] [--seed 1] [--hauberk P
 Prints one TSV line: shape N drvs add_s build_s drv_per_s cpu_s peak_rss_MiB first_build_ms
 (add_s: adding the .drv files with `hauberk drv add`, level by level; build_s: wall time of
 `hauberk build --max-jobs J ROOTS`, which is what compares with fork-limit.sh.)
+Environment: KEEP=1 keeps the scratch store; STATS=FILE appends the build's `--stats` lines;
+LOG=FILE appends its whole standard error (with RUST_LOG=hauberk=debug, the per-step setup
+times that setup-steps.py sums); TMP_BASE=DIR puts build directories below DIR.
 """
 import argparse
 import os
@@ -109,12 +112,15 @@ def main():
             for line in r.stderr.splitlines():
                 if line.startswith("stats:"):
                     fh.write("%s %s\n" % (" ".join(a.build_arg or ["--no-sandbox"]), line))
+    if os.environ.get("LOG"):
+        with open(os.environ["LOG"], "a") as fh:
+            fh.write(r.stderr)
     print("\t".join([a.shape, str(a.n), str(len(nodes)), "%.2f" % add_s, "%.3f" % build_s,
                      "%.1f" % (len(nodes) / build_s), "%.2f" % (float(u) + float(s)),
                      "%.1f" % (int(m) / 1024), fb.group(1) if fb else "-"]))
     if os.environ.get("KEEP") != "1":
         subprocess.run(["chmod", "-R", "u+w", d])
-        subprocess.run(["rm", "-rf", d])
+        subprocess.run(["rm", "-rf", d, tmp])
 
 
 if __name__ == "__main__":
