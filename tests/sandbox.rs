@@ -143,6 +143,7 @@ fn slot_reuse_case(e: &Env, env: &[(&str, &str)]) {
            mkdir $NIX_STORE/junk-dir; echo j > $NIX_STORE/junk-file
            echo t > /tmp/junk; echo s > /dev/shm/junk
            touch /junk 2>/dev/null; echo 10.0.0.1 evil 2>/dev/null >> /etc/hosts
+           hostname evil 2>/dev/null
            echo u > /tmp/gone; rm /tmp/gone /tmp/junk; chmod 0700 /tmp; true"#,
         &[&a, &b, &l],
         &[("A", &a.1), ("B", &b.1), ("L", &l.1)],
@@ -153,7 +154,8 @@ fn slot_reuse_case(e: &Env, env: &[(&str, &str)]) {
            done
            ls / /tmp /dev/shm | grep -c junk || true
            grep -c evil /etc/hosts || true
-           stat -c %a /tmp /dev/shm"#;
+           stat -c %a /tmp /dev/shm
+           hostname"#;
     let x2 = e.mk(
         "x2",
         &format!(r#"{{ ls $NIX_STORE | wc -l; head -1 $X1; {seen}; }} > $out"#),
@@ -179,12 +181,12 @@ fn slot_reuse_case(e: &Env, env: &[(&str, &str)]) {
     // /dev/shm or /etc.
     assert_eq!(
         std::fs::read_to_string(&x2.1).unwrap(),
-        "3\n4\nA-hidden\nB-visible\nL-hidden\n0\n0\n1777\n1777\n"
+        "3\n4\nA-hidden\nB-visible\nL-hidden\n0\n0\n1777\n1777\nlocalhost\n"
     );
     // x3: x2, a (a directory again) and its output; b gone.
     assert_eq!(
         std::fs::read_to_string(&x3.1).unwrap(),
-        "3\na\nA-visible\nB-hidden\nL-hidden\n0\n0\n1777\n1777\n"
+        "3\na\nA-visible\nB-hidden\nL-hidden\n0\n0\n1777\n1777\nlocalhost\n"
     );
     let f = e.mk(
         "f",

@@ -238,11 +238,6 @@ pub enum Op {
         fd: RawFd,
         mqueue: CString,
     },
-    /// Gives the child new namespaces of these kinds (those the loop need not pay for in
-    /// clone: IPC, whose creation mounts a file system, and UTS).
-    Unshare {
-        flags: libc::c_int,
-    },
     /// Makes every mount private, so nothing propagates to the host.
     MakePrivate,
     Tmpfs {
@@ -397,7 +392,6 @@ impl Op {
     fn describe(&self) -> (&'static str, &[u8]) {
         match self {
             Op::WriteProc { path, .. } => ("write", path.as_bytes()),
-            Op::Unshare { .. } => ("create namespaces", b""),
             Op::ReuseIpc { .. } => ("enter the slot's IPC namespace", b""),
             Op::RecycleTmpfs { target, .. } => ("recycle the tmpfs", target.as_bytes()),
             Op::MakePrivate => ("make mounts private", b""),
@@ -417,6 +411,9 @@ impl Op {
             Op::DropCaps => ("drop capabilities", b""),
             Op::SetNs { nstype, .. } if *nstype == libc::CLONE_NEWNET => {
                 ("enter the slot's network namespace", b"")
+            }
+            Op::SetNs { nstype, .. } if *nstype == libc::CLONE_NEWUTS => {
+                ("enter the slot's UTS namespace", b"")
             }
             Op::SetNs { .. } => ("enter a mount namespace", b""),
             Op::Unlink { name, .. } => ("remove", name.as_bytes()),
@@ -661,7 +658,6 @@ unsafe fn run_op(op: &Op, fds: &[Cell<libc::c_int>]) -> Result<(), i32> {
     let none = 0usize;
     match op {
         Op::WriteProc { path, data } => write_whole(path, libc::O_WRONLY, data.as_bytes()),
-        Op::Unshare { flags } => sys::sys1(libc::SYS_unshare, *flags as usize).map(drop),
         Op::ReuseIpc { fd, mqueue } => {
             sys::sys2(libc::SYS_setns, *fd as usize, libc::CLONE_NEWIPC as usize)?;
             if !ipc_empty(mqueue)? {

@@ -136,6 +136,9 @@ struct SlotFds {
     /// The slot's IPC namespace: each build joins it when the last build left it empty
     /// (see `Op::ReuseIpc`), else gets a new one.
     ipc: OwnedFd,
+    /// The slot's UTS namespace (host name `localhost`), which builds join: a builder
+    /// has no capability to change it.
+    uts: OwnedFd,
     /// Detaches each build's trash after it (and holds the namespaces too).
     keeper: Keeper,
     /// Events of the slot's store directory: what a builder did there.
@@ -598,8 +601,10 @@ impl SlotNs {
                     })
                     .max()
                     .unwrap_or(0);
+                let mut ops = ops;
+                ops.push(Op::Hostname);
                 let mut setup = SandboxSetup::new(
-                    libc::CLONE_NEWNS | libc::CLONE_NEWNET | libc::CLONE_NEWIPC,
+                    libc::CLONE_NEWNS | libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS,
                     ops,
                 );
                 setup.fds = vec![std::cell::Cell::new(-1); slots];
@@ -629,7 +634,14 @@ impl SlotNs {
         };
         let opened = if n == 1 && msg[0] == b'K' {
             open_ns(pid, "mnt")
-                .and_then(|m| Ok((m, open_ns(pid, "net")?, open_ns(pid, "ipc")?)))
+                .and_then(|m| {
+                    Ok((
+                        m,
+                        open_ns(pid, "net")?,
+                        open_ns(pid, "ipc")?,
+                        open_ns(pid, "uts")?,
+                    ))
+                })
                 .and_then(|ns| {
                     let fd = keeper.cmd.as_ref().map_or(-1, |f| f.as_raw_fd());
                     // SAFETY: fcntl on our own descriptor.
@@ -642,10 +654,11 @@ impl SlotNs {
             Err(io::Error::other("the slot keeper failed"))
         };
         match opened {
-            Ok((mnt, net, ipc)) => Ok(SlotFds {
+            Ok((mnt, net, ipc, uts)) => Ok(SlotFds {
                 mnt,
                 net,
                 ipc,
+                uts,
                 keeper,
                 watch,
                 store_fd,
@@ -719,9 +732,11 @@ impl SlotNs {
         self.view = b.closure;
         let (store_fd, pool_fd) = (self.fds.store_fd.as_raw_fd(), self.fds.pool_fd.as_raw_fd());
         let mut ops = Vec::with_capacity(24 + 3 * (stale.len() + new.len()));
-        // The PID namespace comes with clone; a UTS namespace costs the loop nothing here.
-        ops.push(Op::Unshare {
-            flags: libc::CLONE_NEWUTS,
+        // The PID namespace comes with clone; the UTS namespace is the slot's (a builder
+        // cannot change the host name: it has no capability left).
+        ops.push(Op::SetNs {
+            fd: self.fds.uts.as_raw_fd(),
+            nstype: libc::CLONE_NEWUTS,
         });
         // 1. Still in the daemon's mount namespace: a clone of the build directory.
         ops.push(Op::OpenTree {
@@ -935,7 +950,6 @@ impl SlotNs {
             });
             self.etc = Some(etc);
         }
-        ops.push(Op::Hostname);
         ops.extend(b.last);
         self.per_build_mounted = true;
         let mut setup = SandboxSetup::new(libc::CLONE_NEWPID, ops);
