@@ -350,6 +350,14 @@ pub enum Op {
     Touch {
         fd: RawFd,
     },
+    /// Adds a watch for the events `mask` on directory `path` to the inotify instance
+    /// `fd` (added by the child once its own changes there are done, they cost no
+    /// events).
+    Watch {
+        fd: RawFd,
+        path: CString,
+        mask: u32,
+    },
     /// Clones the mount of `src` as a detached, private mount (read-only if `ro`; with
     /// the ids of the user namespace `idmap` if it is not -1), kept in the setup's
     /// descriptor slot `slot`.
@@ -422,6 +430,7 @@ impl Op {
             Op::MkdirAt { name, .. } => ("create directory", name.as_bytes()),
             Op::SymlinkAt { name, .. } => ("create symlink", name.as_bytes()),
             Op::Touch { .. } => ("set the times of the store directory", b""),
+            Op::Watch { path, .. } => ("watch", path.as_bytes()),
             Op::OpenTree { src, .. } => ("clone the mount of", src.as_bytes()),
             Op::MoveMount { dst, .. } => ("attach a mount on", dst.as_bytes()),
             Op::MoveTree { from, .. } => ("move the mount", from.as_bytes()),
@@ -766,6 +775,13 @@ unsafe fn run_op(op: &Op, fds: &[Cell<libc::c_int>]) -> Result<(), i32> {
             },
         ),
         Op::Touch { fd } => sys::call(libc::SYS_utimensat, [*fd as usize, 0, 0, 0, 0, 0]).map(drop),
+        Op::Watch { fd, path, mask } => sys::sys3(
+            libc::SYS_inotify_add_watch,
+            *fd as usize,
+            sys::p(path),
+            *mask as usize,
+        )
+        .map(drop),
         Op::Hostname => {
             sys::sys2(libc::SYS_sethostname, sys::p(c"localhost"), 9)?;
             sys::sys2(libc::SYS_setdomainname, sys::p(c"(none)"), 6).map(drop)
@@ -1252,6 +1268,9 @@ impl Sandbox {
         let Some(dir) = dir else {
             return Released::now(killed);
         };
+        if let Some(ns) = slot.and_then(|k| self.slots[k].ns.as_mut()) {
+            ns.end_watch();
+        }
         let mut moved = Ok(());
         for (_, p) in outputs {
             let name = p.base_name();

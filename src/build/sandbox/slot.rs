@@ -24,8 +24,8 @@
 //!    back to the host's namespace): file inputs are hard links of the store's own files
 //!    (a builder cannot change them: a build user is not their owner, and root sees the
 //!    store through idmapped mounts on which they are `nobody`'s), directories are mount
-//!    points recycled through a pool by rename; then marks the end of its changes for the
-//!    store directory's inotify watch;
+//!    points recycled through a pool by rename; then adds the store directory's inotify
+//!    watch (this build's own instance) and marks the start of the builder's changes;
 //! 3. enters the slot's network namespace, attaches `/build`, binds the new directory
 //!    inputs from the store view, mounts `/proc`, writes `/etc/passwd` and `/etc/group`
 //!    when the build user changed, and goes on to exec the builder.
@@ -184,6 +184,8 @@ pub(super) struct SlotNs {
     per_build_mounted: bool,
     /// The `/etc/passwd` and `/etc/group` written last (the same build user: not again).
     etc: Option<(CString, CString)>,
+    /// What the watch saw of the last build, read when it ended (see `end_watch`).
+    touched: Option<io::Result<Option<Touched>>>,
 }
 
 /// One build slot: free or held, made or not yet.
@@ -352,13 +354,15 @@ fn open_ns(pid: libc::pid_t, kind: &str) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// An inotify watch on a slot's store directory. The child marks the end of its own
-/// changes there by setting the directory's times (`Op::Touch`); what follows the mark is
-/// the builder's doing, so after a build only the names it touched are looked at instead
-/// of listing the directory (as many entries as the closure has paths).
-#[derive(Debug)]
+/// An inotify watch on a slot's store directory, one instance per build. The child adds
+/// the watch once its own changes there are done (a watched directory's changes cost each
+/// about 2 us more), then marks the start of the builder's by setting the directory's
+/// times (`Op::Touch`): after the build only the names the builder touched are looked at,
+/// instead of listing the directory (as many entries as the closure has paths). Closing
+/// the instance after the build ends the watch before the daemon moves the outputs out.
+#[derive(Debug, Default)]
 struct StoreWatch {
-    fd: OwnedFd,
+    fd: Option<OwnedFd>,
 }
 
 /// What a builder did in the store directory, read from the watch.
@@ -380,25 +384,31 @@ impl StoreWatch {
         | libc::IN_MOVE_SELF
         | libc::IN_ONLYDIR;
 
-    fn new(dir: &Path) -> io::Result<StoreWatch> {
+    /// A new inotify instance for the next build (the last one's is closed): the
+    /// descriptor the child adds its watch to.
+    fn arm(&mut self) -> io::Result<RawFd> {
+        self.fd = None;
         // SAFETY: a fresh descriptor, owned below.
         let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: as above.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let p = cp(dir);
-        // SAFETY: a watch on a NUL-terminated path.
-        if unsafe { libc::inotify_add_watch(fd.as_raw_fd(), p.as_ptr(), Self::MASK) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(StoreWatch { fd })
+        self.fd = Some(unsafe { OwnedFd::from_raw_fd(fd) });
+        Ok(fd)
     }
 
-    /// Reads every pending event. `None` when they cannot tell what happened (the queue
-    /// overflowed, or the mark is missing): then the directory must be listed.
-    fn drain(&self) -> io::Result<Option<Touched>> {
+    /// Reads every pending event and closes the instance. `None` when they cannot tell
+    /// what happened (no instance, the queue overflowed, or the mark is missing): then the
+    /// directory must be listed.
+    fn stop(&mut self) -> io::Result<Option<Touched>> {
+        match self.fd.take() {
+            Some(fd) => Self::drain(&fd),
+            None => Ok(None),
+        }
+    }
+
+    fn drain(fd: &OwnedFd) -> io::Result<Option<Touched>> {
         let mut buf = [0u8; 16 * 1024];
         let mut marked = false;
         let mut lost = false;
@@ -406,7 +416,7 @@ impl StoreWatch {
         let header = std::mem::size_of::<libc::inotify_event>();
         loop {
             // SAFETY: reading into our buffer.
-            let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
             if n < 0 {
                 let e = io::Error::last_os_error();
                 match e.kind() {
@@ -551,6 +561,7 @@ impl SlotNs {
                 pool_next: 0,
                 per_build_mounted: false,
                 etc: None,
+                touched: None,
             }),
             Err(e) => {
                 let _ = crate::store::fsutil::delete_path(&dir);
@@ -587,7 +598,7 @@ impl SlotNs {
         };
         let (store_fd, pool_fd) = (open_dir(&store)?, open_dir(&pool)?);
         let real_store_fd = open_dir(how.real_store)?;
-        let watch = StoreWatch::new(&store).map_err(io_err("watch", &store))?;
+        let watch = StoreWatch::default();
         let what = Path::new("sandbox slot");
         let (ready_r, ready_w) = pipe().map_err(io_err("create pipe for", what))?;
         let (cmd_r, cmd_w) = pipe().map_err(io_err("create pipe for", what))?;
@@ -899,7 +910,19 @@ impl SlotNs {
             });
             self.current.insert(n.into(), kind);
         }
-        // The mark: what the store directory's watch sees after it is the builder's.
+        // The watch, then the mark: what the store directory's watch sees after it is
+        // the builder's.
+        let watched = if store_in_tmp { STORE_PARK } else { b.store_dir };
+        let ifd = self
+            .fds
+            .watch
+            .arm()
+            .map_err(io_err("watch", &self.dir.join("store")))?;
+        ops.push(Op::Watch {
+            fd: ifd,
+            path: inside(watched),
+            mask: StoreWatch::MASK,
+        });
         ops.push(Op::Touch { fd: store_fd });
         // 3. Everything in place and a fresh /proc, in the slot's network namespace.
         ops.push(Op::SetNs {
@@ -1018,12 +1041,22 @@ impl SlotNs {
         self.held_build_dir.take()
     }
 
+    /// Ends the watch of the store directory when the builder is done: what it saw is
+    /// kept for the sweep, and moving the outputs out costs no events.
+    pub fn end_watch(&mut self) {
+        self.touched = Some(self.fds.watch.stop());
+    }
+
     /// After a successful build (outputs already moved out): removes whatever else the
     /// builder left in the store directory, so the next build sees only its closure.
     /// Looks only at the names the builder touched, when the watch can tell them.
-    pub fn sweep(&self, real_store: &Path, outputs: &[&str]) -> Result<(), SandboxError> {
+    pub fn sweep(&mut self, real_store: &Path, outputs: &[&str]) -> Result<(), SandboxError> {
         let store = self.dir.join("store");
-        let touched = self.fds.watch.drain().map_err(io_err("watch", &store))?;
+        let touched = match self.touched.take() {
+            Some(t) => t,
+            None => self.fds.watch.stop(),
+        }
+        .map_err(io_err("watch", &store))?;
         let Some(touched) = touched else {
             return self.sweep_all(real_store, &store);
         };
