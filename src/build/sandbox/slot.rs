@@ -354,15 +354,17 @@ fn open_ns(pid: libc::pid_t, kind: &str) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// An inotify watch on a slot's store directory, one instance per build. The child adds
-/// the watch once its own changes there are done (a watched directory's changes cost each
+/// An inotify watch on a slot's store directory, added for each build. The child adds
+/// the watch once its own changes there are done (each change of a watched directory costs
 /// about 2 us more), then marks the start of the builder's by setting the directory's
 /// times (`Op::Touch`): after the build only the names the builder touched are looked at,
-/// instead of listing the directory (as many entries as the closure has paths). Closing
-/// the instance after the build ends the watch before the daemon moves the outputs out.
-#[derive(Debug, Default)]
+/// instead of listing the directory (as many entries as the closure has paths). The
+/// daemon removes the watch (the mark's event names it) before it moves the outputs out.
+/// The instance stays for the life of the slot: closing one waits for an SRCU grace
+/// period.
+#[derive(Debug)]
 struct StoreWatch {
-    fd: Option<OwnedFd>,
+    fd: OwnedFd,
 }
 
 /// What a builder did in the store directory, read from the watch.
@@ -384,33 +386,35 @@ impl StoreWatch {
         | libc::IN_MOVE_SELF
         | libc::IN_ONLYDIR;
 
-    /// A new inotify instance for the next build (the last one's is closed): the
-    /// descriptor the child adds its watch to.
-    fn arm(&mut self) -> io::Result<RawFd> {
-        self.fd = None;
+    fn new() -> io::Result<StoreWatch> {
         // SAFETY: a fresh descriptor, owned below.
         let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: as above.
-        self.fd = Some(unsafe { OwnedFd::from_raw_fd(fd) });
-        Ok(fd)
+        Ok(StoreWatch {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
     }
 
-    /// Reads every pending event and closes the instance. `None` when they cannot tell
-    /// what happened (no instance, the queue overflowed, or the mark is missing): then the
-    /// directory must be listed.
-    fn stop(&mut self) -> io::Result<Option<Touched>> {
-        match self.fd.take() {
-            Some(fd) => Self::drain(&fd),
-            None => Ok(None),
+    /// Reads every pending event and removes the watch the mark came from. `None` when
+    /// they cannot tell what happened (the queue overflowed, or the mark is missing):
+    /// then the directory must be listed.
+    fn stop(&self) -> io::Result<Option<Touched>> {
+        let (touched, mark) = Self::drain(&self.fd)?;
+        if let Some(wd) = mark {
+            // SAFETY: removing a watch of our instance. It may be gone already (the
+            // directory was removed): nothing to do then.
+            unsafe { libc::inotify_rm_watch(self.fd.as_raw_fd(), wd) };
         }
+        Ok(touched)
     }
 
-    fn drain(fd: &OwnedFd) -> io::Result<Option<Touched>> {
+    /// The events since the mark, and the watch the mark came from.
+    fn drain(fd: &OwnedFd) -> io::Result<(Option<Touched>, Option<libc::c_int>)> {
         let mut buf = [0u8; 16 * 1024];
-        let mut marked = false;
+        let mut mark = None;
         let mut lost = false;
         let mut touched = Touched::default();
         let header = std::mem::size_of::<libc::inotify_event>();
@@ -438,23 +442,32 @@ impl StoreWatch {
                 at += header + len;
                 if ev.mask & libc::IN_Q_OVERFLOW != 0 {
                     lost = true;
+                } else if ev.mask & libc::IN_IGNORED != 0 {
+                    // The last build's watch, removed.
                 } else if name.is_empty() {
                     // The directory itself: the first change of its times is the mark.
-                    if marked {
+                    if mark.is_some() {
                         touched.dir_changed = true;
                     } else if ev.mask & libc::IN_ATTRIB != 0 {
-                        marked = true;
+                        mark = Some(ev.wd);
                     } else {
                         touched.dir_changed = true;
                     }
-                } else if marked {
+                } else if mark.is_some() {
                     touched
                         .names
                         .push(std::ffi::OsStr::from_bytes(name).to_os_string());
                 }
             }
         }
-        Ok(if lost || !marked { None } else { Some(touched) })
+        Ok((
+            if lost || mark.is_none() {
+                None
+            } else {
+                Some(touched)
+            },
+            mark,
+        ))
     }
 }
 
@@ -598,7 +611,7 @@ impl SlotNs {
         };
         let (store_fd, pool_fd) = (open_dir(&store)?, open_dir(&pool)?);
         let real_store_fd = open_dir(how.real_store)?;
-        let watch = StoreWatch::default();
+        let watch = StoreWatch::new().map_err(io_err("watch", &store))?;
         let what = Path::new("sandbox slot");
         let (ready_r, ready_w) = pipe().map_err(io_err("create pipe for", what))?;
         let (cmd_r, cmd_w) = pipe().map_err(io_err("create pipe for", what))?;
@@ -913,13 +926,8 @@ impl SlotNs {
         // The watch, then the mark: what the store directory's watch sees after it is
         // the builder's.
         let watched = if store_in_tmp { STORE_PARK } else { b.store_dir };
-        let ifd = self
-            .fds
-            .watch
-            .arm()
-            .map_err(io_err("watch", &self.dir.join("store")))?;
         ops.push(Op::Watch {
-            fd: ifd,
+            fd: self.fds.watch.fd.as_raw_fd(),
             path: inside(watched),
             mask: StoreWatch::MASK,
         });
