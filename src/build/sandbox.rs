@@ -491,9 +491,12 @@ impl SandboxSetup {
 }
 
 impl SandboxSetup {
-    /// Records when each step ends (see `done_ns`).
+    /// Records when each step ends (see `done_ns`), if the debug log shows it: a clock
+    /// read per step is a system call in the child.
     pub fn time_steps(&mut self) {
-        self.done_ns = vec![Cell::new(0); self.ops.len()];
+        if log::log_enabled!(log::Level::Debug) {
+            self.done_ns = vec![Cell::new(0); self.ops.len()];
+        }
     }
 
     /// Where the setup's time went, from the child's `started` time: microseconds and
@@ -1704,18 +1707,20 @@ impl Sandbox {
                 opts: c(""),
                 ro: false,
             });
-            // The template of each build's trash.
+            // The template of the trash: mount points for the builds of a batch.
             ops.push(Op::Mkdir {
                 path: r(slot::TRASH_TEMPLATE),
                 mode: 0,
             });
-            ops.push(Op::MakeFile {
-                path: r(&format!("{}/f", slot::TRASH_TEMPLATE)),
-            });
-            ops.push(Op::Mkdir {
-                path: r(&format!("{}/d", slot::TRASH_TEMPLATE)),
-                mode: 0,
-            });
+            for i in 0..slot::TRASH_BATCH {
+                ops.push(Op::MakeFile {
+                    path: r(&format!("{}/f{i}", slot::TRASH_TEMPLATE)),
+                });
+                ops.push(Op::Mkdir {
+                    path: r(&format!("{}/d{i}", slot::TRASH_TEMPLATE)),
+                    mode: 0,
+                });
+            }
             // /dev/shm and /tmp (unless the store is below it: then each build mounts
             // its own), recycled from build to build while they are left untouched.
             let tmps: &[&str] = if Path::new(&store_dir).starts_with("/tmp") {

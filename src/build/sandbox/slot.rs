@@ -63,9 +63,14 @@ pub(super) const MQUEUE: &str = "/.hauberk-trash/mq";
 /// The empty file in a slot's `pool/` that file mount points are hard links to.
 const EMPTY: &str = ".empty";
 
-/// Where each build's trash goes: `TRASH/<n>`, a tmpfs that the last build's mounts are
-/// moved to and that the slot's keeper detaches once the build is over.
+/// Where the trash goes: `TRASH/<n>`, a bind of the keeper's template that the last
+/// builds' mounts are moved to and that the slot's keeper detaches after `TRASH_BATCH`
+/// builds.
 pub(super) const TRASH: &str = "/.hauberk-trash";
+
+/// How many builds in a row move their stale mounts to one trash before the keeper
+/// detaches it.
+pub(super) const TRASH_BATCH: u32 = 16;
 
 /// The tmpfs at `TRASH`: no access, owned by `nobody` (a builder that stays root is not
 /// its owner, so it cannot change that; build users are never `nobody`).
@@ -158,9 +163,10 @@ pub(super) struct SlotNs {
     /// File inputs are hard links (the builder is never their owner: a build user, or
     /// root through an idmapped mount), not mounts.
     hardlinks: bool,
-    /// The number of the next build's trash, and the trash of the build now running.
+    /// The number of the next trash, and the trash in use with the number of builds
+    /// that used it.
     trash_next: u64,
-    trash: Option<u64>,
+    trash: Option<(u64, u32)>,
     /// The last build's directory: still mounted at `/build` until the next build moves
     /// it to its trash (deleted before that, it could not be moved).
     held_build_dir: Option<PathBuf>,
@@ -778,11 +784,27 @@ impl SlotNs {
         // over (unmounting waits for an RCU grace period). The trash lies below a
         // directory no builder may enter.
         let mounted = |k: &EntryKind| matches!(k, EntryKind::Dir | EntryKind::File);
-        let trash_dir = format!("{TRASH}/{}", self.trash_next);
-        // Two mount points in the trash, one for files and one for directories: each
-        // mount moved there lands on top of the one before (a stack), and detaching the
-        // trash detaches the whole stack.
-        let (trash_f, trash_d) = (c(&format!("{trash_dir}/f")), c(&format!("{trash_dir}/d")));
+        // The trash: a bind of the keeper's template, which costs less than a file system
+        // of its own. `TRASH_BATCH` builds in a row use one (each detach waits for an RCU
+        // grace period, expedited: other CPUs pay too), each its own pair of mount points
+        // in it, `f<i>` for files and `d<i>` for directories: each mount moved there lands
+        // on top of the one before (a stack), and detaching the trash detaches them all.
+        let (trash_id, i, new_trash) = match &mut self.trash {
+            Some((id, uses)) => {
+                *uses += 1;
+                (*id, *uses - 1, false)
+            }
+            None => {
+                self.trash = Some((self.trash_next, 1));
+                self.trash_next += 1;
+                (self.trash_next - 1, 0, true)
+            }
+        };
+        let trash_dir = format!("{TRASH}/{trash_id}");
+        let (trash_f, trash_d) = (
+            c(&format!("{trash_dir}/f{i}")),
+            c(&format!("{trash_dir}/d{i}")),
+        );
         let to_trash = |ops: &mut Vec<Op>, from: CString, file: bool| {
             let to = if file { &trash_f } else { &trash_d };
             ops.push(Op::MoveTree {
@@ -795,18 +817,16 @@ impl SlotNs {
             fd: self.fds.ipc.as_raw_fd(),
             mqueue: c(MQUEUE),
         });
-        // The trash: a bind of the keeper's template (a file `f` and a directory `d`),
-        // which costs less than a file system of its own.
-        self.trash = Some(self.trash_next);
-        self.trash_next += 1;
-        ops.push(Op::Mkdir {
-            path: c(&trash_dir),
-            mode: 0,
-        });
-        ops.push(Op::BindMount {
-            src: c(TRASH_TEMPLATE),
-            dst: c(&trash_dir),
-        });
+        if new_trash {
+            ops.push(Op::Mkdir {
+                path: c(&trash_dir),
+                mode: 0,
+            });
+            ops.push(Op::BindMount {
+                src: c(TRASH_TEMPLATE),
+                dst: c(&trash_dir),
+            });
+        }
         if self.per_build_mounted {
             for p in ["/proc", "/build"] {
                 to_trash(&mut ops, inside(p), false);
@@ -1033,7 +1053,11 @@ impl SlotNs {
     /// `build_dir` (mounted at `/build` until the next build moves it away). Returns the
     /// build directory held before, now free to delete.
     pub fn release(&mut self, build_dir: &Path) -> Result<Option<PathBuf>, SandboxError> {
-        if let Some(id) = self.trash.take() {
+        if let Some((id, uses)) = self.trash {
+            if uses < TRASH_BATCH {
+                return Ok(self.held_build_dir.replace(build_dir.to_path_buf()));
+            }
+            self.trash = None;
             if !self.fds.keeper.detach(id) {
                 return Err(SandboxError::Setup(format!(
                     "cannot reach the keeper of sandbox slot {}",
