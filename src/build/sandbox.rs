@@ -345,14 +345,9 @@ pub enum Op {
         dir: RawFd,
         name: CString,
     },
-    /// Sets the times of the directory open as `fd` to now: a mark in the event stream
-    /// of a watched directory (what follows it is the builder's doing).
-    Touch {
-        fd: RawFd,
-    },
-    /// Adds a watch for the events `mask` on directory `path` to the inotify instance
-    /// `fd` (added by the child once its own changes there are done, they cost no
-    /// events).
+    /// Sets the events `mask` of the watch of directory `path` in the inotify instance
+    /// `fd` (arms the slot's store directory watch once the child's own changes there
+    /// are done: they cost no events).
     Watch {
         fd: RawFd,
         path: CString,
@@ -429,7 +424,6 @@ impl Op {
             Op::Link { to, .. } => ("create link", to.as_bytes()),
             Op::MkdirAt { name, .. } => ("create directory", name.as_bytes()),
             Op::SymlinkAt { name, .. } => ("create symlink", name.as_bytes()),
-            Op::Touch { .. } => ("set the times of the store directory", b""),
             Op::Watch { path, .. } => ("watch", path.as_bytes()),
             Op::OpenTree { src, .. } => ("clone the mount of", src.as_bytes()),
             Op::MoveMount { dst, .. } => ("attach a mount on", dst.as_bytes()),
@@ -777,7 +771,6 @@ unsafe fn run_op(op: &Op, fds: &[Cell<libc::c_int>]) -> Result<(), i32> {
                 sys::p(opts)
             },
         ),
-        Op::Touch { fd } => sys::call(libc::SYS_utimensat, [*fd as usize, 0, 0, 0, 0, 0]).map(drop),
         Op::Watch { fd, path, mask } => sys::sys3(
             libc::SYS_inotify_add_watch,
             *fd as usize,
