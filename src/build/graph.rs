@@ -22,6 +22,8 @@ pub struct PathGraph {
     nodes: Vec<Node>,
     index: HashMap<StorePath, u32>,
     by_hash: HashMap<[u8; 32], u32>,
+    /// What `closure` has seen, by id: the walk's stamp (no set to hash into per walk).
+    seen: std::cell::RefCell<(Vec<u32>, u32)>,
 }
 
 fn hash_key(p: &StorePath) -> [u8; 32] {
@@ -104,11 +106,20 @@ impl PathGraph {
 
     /// The closure of `roots`, in discovery order.
     pub fn closure(&self, roots: &[u32]) -> Vec<u32> {
-        let mut seen: HashSet<u32> = HashSet::with_capacity(roots.len() * 4);
+        let mut seen = self.seen.borrow_mut();
+        let (marks, stamp) = &mut *seen;
+        *stamp = stamp.wrapping_add(1);
+        if *stamp == 0 {
+            marks.iter_mut().for_each(|m| *m = 0);
+            *stamp = 1;
+        }
+        marks.resize(self.nodes.len(), 0);
         let mut out = Vec::new();
         let mut stack: Vec<u32> = roots.to_vec();
         while let Some(id) = stack.pop() {
-            if seen.insert(id) {
+            let m = &mut marks[id as usize];
+            if *m != *stamp {
+                *m = *stamp;
                 out.push(id);
                 stack.extend(self.nodes[id as usize].refs.iter().copied());
             }
@@ -188,6 +199,14 @@ mod tests {
         let mut cl = g.closure(&[c]);
         cl.sort();
         assert_eq!(cl, vec![a, b, c]);
+        // Each walk starts afresh (the marks of the last one do not hide paths), also
+        // after paths were added.
+        assert_eq!(g.closure(&[b, a]).len(), 2);
+        let e = g.add_registered(&sp('e', "e"), &[sp('c', "c"), sp('d', "d")]);
+        let mut cl = g.closure(&[e]);
+        cl.sort();
+        assert_eq!(cl, vec![a, b, c, d, e]);
+        assert_eq!(g.closure(&[d]), vec![d]);
         let t: HashSet<u32> = [a, d].into_iter().collect();
         assert_eq!(g.reachable(&[c], &t), [a].into_iter().collect());
         let mut k = g.candidates();

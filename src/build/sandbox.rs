@@ -1330,15 +1330,19 @@ impl Sandbox {
         }
     }
 
-    /// Whether the path `id` is in the store view of the reused slot the next build will
-    /// get; `None` when there is no such slot yet (or no reuse). For the worker's choice
-    /// of the next build: one whose inputs the slot holds has less to change.
-    pub fn in_next_view(&self, id: u32) -> Option<bool> {
+    /// How many paths the free reused slot nearest to it would add or remove for a build
+    /// with input closure `closure`; `None` when no reused slot is free and made (or no
+    /// reuse). For the worker's choice of the next build: the fewer, the less setup.
+    pub fn view_cost(&self, closure: &[u32]) -> Option<usize> {
         if !self.reuse || self.cfg.mode == SandboxMode::Off {
             return None;
         }
-        let slot = self.slots.iter().find(|s| !s.busy)?;
-        slot.ns.as_ref().map(|ns| ns.holds(id))
+        self.slots
+            .iter()
+            .filter(|s| !s.busy)
+            .filter_map(|s| s.ns.as_ref())
+            .map(|ns| ns.diff_len(closure))
+            .min()
     }
 
     /// Decides how `drv` is isolated and takes a build user; [`Begin::UsersBusy`] when
@@ -1627,7 +1631,17 @@ impl Sandbox {
         build_dir: &Path,
         user: Option<(u32, u32)>,
     ) -> Result<Option<ChildSetup>, SandboxError> {
-        let k = match self.slots.iter().position(|s| !s.busy) {
+        // The free slot whose view is nearest to this closure; a free one not made yet,
+        // or a new one.
+        let closure = graph.closure(input_roots);
+        let nearest = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !s.busy)
+            .filter_map(|(k, s)| s.ns.as_ref().map(|ns| (ns.diff_len(&closure), k)))
+            .min();
+        let k = match nearest.map(|(_, k)| k).or_else(|| self.slots.iter().position(|s| !s.busy)) {
             Some(k) => k,
             None => {
                 self.slots.push(slot::Slot::default());
@@ -1777,7 +1791,6 @@ impl Sandbox {
         }
         let real_store = PathBuf::from(&store_dir);
         let (passwd, group) = etc_user(user);
-        let closure = graph.closure(input_roots);
         let name = |id: u32| graph.path(id).base_name();
         let ns = self.slots[k]
             .ns

@@ -316,6 +316,9 @@ pub struct Worker {
     timings: BuildTimings,
     /// How many times in a row the front of the slot queue was passed over.
     front_passed: u32,
+    /// The input closures of the first goals of the slot queue, for the choice of the
+    /// next build (each computed once while it waits there).
+    view_closures: HashMap<GoalId, Box<[u32]>>,
 }
 
 fn io_msg(e: impl fmt::Display) -> Failure {
@@ -356,6 +359,7 @@ impl Worker {
             hash_mismatch: false,
             timings: BuildTimings::default(),
             front_passed: 0,
+            view_closures: HashMap::new(),
         }
     }
 

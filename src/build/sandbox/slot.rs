@@ -1011,6 +1011,13 @@ impl SlotNs {
         self.viewed.get(id as usize) == Some(&true)
     }
 
+    /// How many paths a build with input closure `closure` would add to or remove from
+    /// this slot's view.
+    pub fn diff_len(&self, closure: &[u32]) -> usize {
+        let held = closure.iter().filter(|&&id| self.holds(id)).count();
+        closure.len() + self.view.len() - 2 * held
+    }
+
     /// Moves the output `name` the builder wrote from the slot's store directory into the
     /// real store (by descriptor); not there is fine (the build's check says what is
     /// missing).
