@@ -202,7 +202,7 @@ mod tests {
         // Each walk starts afresh (the marks of the last one do not hide paths), also
         // after paths were added.
         assert_eq!(g.closure(&[b, a]).len(), 2);
-        let e = g.add_registered(&sp('e', "e"), &[sp('c', "c"), sp('d', "d")]);
+        let e = g.add_registered(&sp('g', "e"), &[sp('c', "c"), sp('d', "d")]);
         let mut cl = g.closure(&[e]);
         cl.sort();
         assert_eq!(cl, vec![a, b, c, d, e]);
