@@ -229,6 +229,38 @@ fn a_slot_reused_after_its_last_build_directory_was_deleted() {
 }
 
 #[test]
+fn a_slots_trash_is_detached_every_few_builds() {
+    // 40 builds in a row in one slot: each moves the last one's /proc and /build to the
+    // slot's trash, which the keeper detaches every 16 builds. The mounts a builder sees
+    // stay bounded (each step of the chain records how many it sees, then its input's).
+    let Some(e) = Env::sandboxed("trash") else {
+        return;
+    };
+    let mut last = e.mk("m0", "wc -l < /proc/self/mountinfo > $out", &[], &[]);
+    for i in 1..40 {
+        last = e.mk(
+            &format!("m{i}"),
+            "{ wc -l < /proc/self/mountinfo; cat $deps; } > $out",
+            &[&last],
+            &[],
+        );
+    }
+    let o = e.build(&["--max-jobs", "1"], &[&last.0]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let counts: Vec<usize> = std::fs::read_to_string(&last.1)
+        .unwrap()
+        .lines()
+        .map(|l| l.trim().parse().unwrap())
+        .collect();
+    assert_eq!(counts.len(), 40);
+    let (min, max) = (counts.iter().min().unwrap(), counts.iter().max().unwrap());
+    // Without the detaches: two more mounts per build, 78 more by the last one.
+    assert!(max - min <= 40, "mounts seen per build: {counts:?}");
+    // And they were detached: the counts go down again.
+    assert!(counts.windows(2).any(|w| w[0] < w[1]), "{counts:?}");
+}
+
+#[test]
 fn reused_sandboxes_with_the_store_outside_tmp() {
     // A store below /tmp is parked while each build gets a fresh /tmp; elsewhere not.
     let base = Path::new("/var/tmp");

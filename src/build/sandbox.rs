@@ -1641,7 +1641,10 @@ impl Sandbox {
             .filter(|(_, s)| !s.busy)
             .filter_map(|(k, s)| s.ns.as_ref().map(|ns| (ns.diff_len(&closure), k)))
             .min();
-        let k = match nearest.map(|(_, k)| k).or_else(|| self.slots.iter().position(|s| !s.busy)) {
+        let k = match nearest
+            .map(|(_, k)| k)
+            .or_else(|| self.slots.iter().position(|s| !s.busy))
+        {
             Some(k) => k,
             None => {
                 self.slots.push(slot::Slot::default());

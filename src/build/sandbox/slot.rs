@@ -388,11 +388,8 @@ struct Touched {
 
 impl StoreWatch {
     /// The mask while a builder runs.
-    const ARMED: u32 = libc::IN_CREATE
-        | libc::IN_DELETE
-        | libc::IN_MOVED_FROM
-        | libc::IN_MOVED_TO
-        | Self::QUIET;
+    const ARMED: u32 =
+        libc::IN_CREATE | libc::IN_DELETE | libc::IN_MOVED_FROM | libc::IN_MOVED_TO | Self::QUIET;
     /// The mask otherwise.
     const QUIET: u32 = libc::IN_DELETE_SELF | libc::IN_MOVE_SELF | libc::IN_ONLYDIR;
 
@@ -622,7 +619,10 @@ impl SlotNs {
                 let mut ops = ops;
                 ops.push(Op::Hostname);
                 let mut setup = SandboxSetup::new(
-                    libc::CLONE_NEWNS | libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS,
+                    libc::CLONE_NEWNS
+                        | libc::CLONE_NEWNET
+                        | libc::CLONE_NEWIPC
+                        | libc::CLONE_NEWUTS,
                     ops,
                 );
                 setup.fds = vec![std::cell::Cell::new(-1); slots];
@@ -933,7 +933,11 @@ impl SlotNs {
         }
         // The store directory's watch is armed: what it sees from here on is the
         // builder's.
-        let watched = if store_in_tmp { STORE_PARK } else { b.store_dir };
+        let watched = if store_in_tmp {
+            STORE_PARK
+        } else {
+            b.store_dir
+        };
         ops.push(Op::Watch {
             fd: self.fds.watch.fd.as_raw_fd(),
             path: inside(watched),
