@@ -1400,14 +1400,14 @@ impl Sandbox {
     }
 
     /// Fills in the spawn setup for a build: the sandbox plan (or a user switch) and the
-    /// ownership of the build directory.
+    /// ownership of the build directory. `closure` is that of `input_roots` if known.
     #[allow(clippy::too_many_arguments)]
     pub fn setup(
         &mut self,
         iso: &mut Isolation,
         store: &mut LocalStore,
         graph: &PathGraph,
-        input_roots: &[u32],
+        (input_roots, closure): (&[u32], Option<Vec<u32>>),
         drv: &Derivation,
         build_dir: &Path,
     ) -> Result<ChildSetup, SandboxError> {
@@ -1429,9 +1429,10 @@ impl Sandbox {
                 .map_err(io_err("create directory", &self.root))?;
             self.root_ready = true;
         }
+        let closure = closure.unwrap_or_else(|| graph.closure(input_roots));
         let fixed = drv.is_fixed_output();
         if self.reuse && !fixed {
-            if let Some(s) = self.slot_setup(iso, store, graph, input_roots, build_dir, user)? {
+            if let Some(s) = self.slot_setup(iso, store, graph, &closure, build_dir, user)? {
                 return Ok(s);
             }
         }
@@ -1505,7 +1506,7 @@ impl Sandbox {
             optional: false,
             copy_symlink: false,
         });
-        for id in graph.closure(input_roots) {
+        for &id in &closure {
             let base = graph.path(id).base_name();
             ops.push(Op::BindStorePath {
                 src: r(&format!("{view}/{base}")),
@@ -1627,19 +1628,18 @@ impl Sandbox {
         iso: &mut Isolation,
         store: &mut LocalStore,
         graph: &PathGraph,
-        input_roots: &[u32],
+        closure: &[u32],
         build_dir: &Path,
         user: Option<(u32, u32)>,
     ) -> Result<Option<ChildSetup>, SandboxError> {
         // The free slot whose view is nearest to this closure; a free one not made yet,
         // or a new one.
-        let closure = graph.closure(input_roots);
         let nearest = self
             .slots
             .iter()
             .enumerate()
             .filter(|(_, s)| !s.busy)
-            .filter_map(|(k, s)| s.ns.as_ref().map(|ns| (ns.diff_len(&closure), k)))
+            .filter_map(|(k, s)| s.ns.as_ref().map(|ns| (ns.diff_len(closure), k)))
             .min();
         let k = match nearest
             .map(|(_, k)| k)
@@ -1802,7 +1802,7 @@ impl Sandbox {
         let setup = ns.plan(slot::SlotBuild {
             real_store: &real_store,
             store_dir: &store_dir,
-            closure,
+            closure: closure.to_vec(),
             name: &name,
             build_dir,
             passwd,

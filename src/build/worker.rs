@@ -35,6 +35,9 @@ mod substitution;
 #[cfg(test)]
 mod tests;
 
+/// Input roots (sorted) and their closure; see `Worker::view_closures`.
+type ViewClosure = (Box<[u32]>, Box<[u32]>);
+
 /// How the worker builds.
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
@@ -317,8 +320,11 @@ pub struct Worker {
     /// How many times in a row the front of the slot queue was passed over.
     front_passed: u32,
     /// The input closures of the first goals of the slot queue, for the choice of the
-    /// next build (each computed once while it waits there).
-    view_closures: HashMap<GoalId, Box<[u32]>>,
+    /// next build (each computed once while it waits there): the roots, sorted, and the
+    /// closure. The one of the goal just picked waits in `picked_closure` for its
+    /// sandbox, which uses it if its input roots are the same.
+    view_closures: HashMap<GoalId, ViewClosure>,
+    picked_closure: Option<ViewClosure>,
 }
 
 fn io_msg(e: impl fmt::Display) -> Failure {
@@ -360,6 +366,7 @@ impl Worker {
             timings: BuildTimings::default(),
             front_passed: 0,
             view_closures: HashMap::new(),
+            picked_closure: None,
         }
     }
 

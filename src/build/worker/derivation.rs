@@ -249,7 +249,7 @@ impl Worker {
                 let pick = self.pick_for_slot();
                 let id = self.slot_queue.remove(pick);
                 if let Some(id) = id {
-                    self.view_closures.remove(&id);
+                    self.picked_closure = self.view_closures.remove(&id);
                 }
                 id
             } else if self.has_free_slot(true) && !self.local_queue.is_empty() {
@@ -299,13 +299,14 @@ impl Worker {
                         roots.extend(self.graph.load(&self.store, p).ok());
                     }
                 }
+                roots.sort_unstable();
                 let c = self.graph.closure(&roots).into_boxed_slice();
-                self.view_closures.insert(id, c);
+                self.view_closures.insert(id, (roots.into_boxed_slice(), c));
             }
             let cost = self
                 .view_closures
                 .get(&id)
-                .and_then(|c| self.sandbox.view_cost(c))
+                .and_then(|(_, c)| self.sandbox.view_cost(c))
                 .unwrap_or(usize::MAX);
             if cost < best.0 {
                 best = (cost, i);
@@ -520,6 +521,12 @@ impl Worker {
             }
         };
         let input_roots = self.input_roots(&drv)?;
+        // The closure the choice of this build computed, if of the same roots.
+        let closure = self.picked_closure.take().and_then(|(roots, c)| {
+            let mut sorted = input_roots.clone();
+            sorted.sort_unstable();
+            (*roots == *sorted).then(|| c.into_vec())
+        });
         for (_, p) in plan.outputs.iter() {
             self.graph.intern(p);
         }
@@ -544,7 +551,7 @@ impl Worker {
                     &mut iso,
                     &mut self.store,
                     &self.graph,
-                    &input_roots,
+                    (&input_roots, closure),
                     &drv,
                     &build_dir,
                 )
