@@ -144,6 +144,7 @@ fn slot_reuse_case(e: &Env, env: &[(&str, &str)]) {
            echo t > /tmp/junk; echo s > /dev/shm/junk
            touch /junk 2>/dev/null; echo 10.0.0.1 evil 2>/dev/null >> /etc/hosts
            hostname evil 2>/dev/null
+           echo j > /build/junk; mkdir /build/junk-dir; chmod 0500 /build/junk-dir; chmod 0755 /build
            echo u > /tmp/gone; rm /tmp/gone /tmp/junk; chmod 0700 /tmp; true"#,
         &[&a, &b, &l],
         &[("A", &a.1), ("B", &b.1), ("L", &l.1)],
@@ -155,7 +156,9 @@ fn slot_reuse_case(e: &Env, env: &[(&str, &str)]) {
            ls / /tmp /dev/shm | grep -c junk || true
            grep -c evil /etc/hosts || true
            stat -c %a /tmp /dev/shm
-           hostname"#;
+           hostname
+           ls -A /build | grep -c junk || true
+           stat -c %a /build"#;
     let x2 = e.mk(
         "x2",
         &format!(r#"{{ ls $NIX_STORE | wc -l; head -1 $X1; {seen}; }} > $out"#),
@@ -181,12 +184,12 @@ fn slot_reuse_case(e: &Env, env: &[(&str, &str)]) {
     // /dev/shm or /etc.
     assert_eq!(
         std::fs::read_to_string(&x2.1).unwrap(),
-        "3\n4\nA-hidden\nB-visible\nL-hidden\n0\n0\n1777\n1777\nlocalhost\n"
+        "3\n4\nA-hidden\nB-visible\nL-hidden\n0\n0\n1777\n1777\nlocalhost\n0\n700\n"
     );
     // x3: x2, a (a directory again) and its output; b gone.
     assert_eq!(
         std::fs::read_to_string(&x3.1).unwrap(),
-        "3\na\nA-visible\nB-hidden\nL-hidden\n0\n0\n1777\n1777\nlocalhost\n"
+        "3\na\nA-visible\nB-hidden\nL-hidden\n0\n0\n1777\n1777\nlocalhost\n0\n700\n"
     );
     let f = e.mk(
         "f",

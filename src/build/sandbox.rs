@@ -1173,8 +1173,8 @@ impl Drop for SandboxRun {
 pub struct Released {
     /// Directories to delete once new builds have started.
     pub later: Vec<PathBuf>,
-    /// The sandbox slot keeps the build directory (and hands it back through `later` of
-    /// a later call): the worker must not delete it.
+    /// The build directory is a sandbox slot's, emptied for its next build: the worker
+    /// must not delete it.
     pub build_dir_held: bool,
     pub result: Result<(), SandboxError>,
 }
@@ -1243,14 +1243,13 @@ impl Sandbox {
     /// After the builder was reaped: kills what is left of the build user and moves the
     /// outputs the builder wrote inside the sandbox to their store paths. A reused slot is
     /// given back (and thrown away unless the build `succeeded` and this went well); after
-    /// a success it keeps `build_dir` until the next build in it.
+    /// a success it keeps its build directory (emptied) for the next build in it.
     pub fn finish(
         &mut self,
         run: &mut SandboxRun,
         store: &LocalStore,
         outputs: &[(Box<str>, StorePath)],
         succeeded: bool,
-        build_dir: &Path,
     ) -> Released {
         let killed = match &run.user {
             Some(u) => kill_user(u.uid),
@@ -1301,13 +1300,10 @@ impl Sandbox {
             let real_store = Path::new(store.store_dir().as_str());
             if let Some(ns) = s.ns.as_mut() {
                 let outs: Vec<&str> = outputs.iter().map(|(_, p)| p.base_name()).collect();
-                match ns
-                    .sweep(real_store, &outs)
-                    .and_then(|()| ns.release(build_dir))
-                {
-                    Ok(before) => {
+                match ns.sweep(real_store, &outs).and_then(|()| ns.release()) {
+                    Ok(()) => {
                         return Released {
-                            later: before.into_iter().collect(),
+                            later: Vec::new(),
                             build_dir_held: true,
                             result,
                         }
@@ -1316,10 +1312,10 @@ impl Sandbox {
                 }
             }
         }
-        // Closing the namespaces unmounts everything; the directories go later.
+        // Closing the namespaces unmounts everything; the directory goes later (the
+        // build directory is the worker's to keep or delete).
         let mut later = Vec::new();
-        if let Some(mut ns) = s.ns.take() {
-            later.extend(ns.take_held_build_dir());
+        if let Some(ns) = s.ns.take() {
             later.push(ns.dir.clone());
             drop(ns);
         }
@@ -1399,6 +1395,71 @@ impl Sandbox {
         }))
     }
 
+    /// Takes a reused slot for a sandboxed build that can have one (not fixed-output),
+    /// making it the first time: the free one whose view is nearest to the build's input
+    /// closure (computed into `closure` if not known). Returns the slot's build directory,
+    /// which is the build's; `None`: the build gets a sandbox of its own (and a build
+    /// directory of its own below `tmp_base`). A slot that cannot be made turns reuse off
+    /// for good.
+    pub fn reserve_slot(
+        &mut self,
+        iso: &mut Isolation,
+        store: &mut LocalStore,
+        graph: &PathGraph,
+        (input_roots, closure): (&[u32], &mut Option<Vec<u32>>),
+        drv: &Derivation,
+        tmp_base: &Path,
+    ) -> Result<Option<PathBuf>, SandboxError> {
+        if !iso.sandboxed || !self.reuse || drv.is_fixed_output() {
+            return Ok(None);
+        }
+        self.ready_root()?;
+        let closure = closure.get_or_insert_with(|| graph.closure(input_roots));
+        let nearest = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !s.busy)
+            .filter_map(|(k, s)| s.ns.as_ref().map(|ns| (ns.diff_len(closure), k)))
+            .min();
+        let k = match nearest
+            .map(|(_, k)| k)
+            .or_else(|| self.slots.iter().position(|s| !s.busy))
+        {
+            Some(k) => k,
+            None => {
+                self.slots.push(slot::Slot::default());
+                self.slots.len() - 1
+            }
+        };
+        if self.slots[k].ns.is_none() {
+            let user = iso.run.user.as_ref().map(|u| (u.uid, u.gid));
+            match self.make_slot(store, user, tmp_base) {
+                Ok(ns) => self.slots[k].ns = Some(ns),
+                Err(e) => {
+                    log::warn!("{e}; sandboxes will not be reused");
+                    self.reuse = false;
+                    return Ok(None);
+                }
+            }
+        }
+        self.slots[k].busy = true;
+        iso.run.slot = Some(k);
+        Ok(self.slots[k].ns.as_ref().map(|ns| ns.build_dir.clone()))
+    }
+
+    fn ready_root(&mut self) -> Result<(), SandboxError> {
+        if !self.root_ready {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(&self.root)
+                .map_err(io_err("create directory", &self.root))?;
+            self.root_ready = true;
+        }
+        Ok(())
+    }
+
     /// Fills in the spawn setup for a build: the sandbox plan (or a user switch) and the
     /// ownership of the build directory. `closure` is that of `input_roots` if known.
     #[allow(clippy::too_many_arguments)]
@@ -1421,21 +1482,12 @@ impl Sandbox {
                 None => ChildSetup::Plain,
             });
         }
-        if !self.root_ready {
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o755)
-                .create(&self.root)
-                .map_err(io_err("create directory", &self.root))?;
-            self.root_ready = true;
-        }
+        self.ready_root()?;
         let closure = closure.unwrap_or_else(|| graph.closure(input_roots));
-        let fixed = drv.is_fixed_output();
-        if self.reuse && !fixed {
-            if let Some(s) = self.slot_setup(iso, store, graph, &closure, build_dir, user)? {
-                return Ok(s);
-            }
+        if let Some(k) = iso.run.slot {
+            return self.slot_setup(k, store, graph, closure, user);
         }
+        let fixed = drv.is_fixed_output();
         // The sandbox's store directory, on the store's file system so outputs can be
         // renamed into place.
         let chroot_store = store.staging_path();
@@ -1620,39 +1672,17 @@ impl Sandbox {
         }
     }
 
-    /// The reused-sandbox path: takes a free slot (making its namespaces the first time)
-    /// and plans the diff from the slot's last closure to this build's. `None` when a
-    /// slot cannot be made (reuse is then off for good: builds get a sandbox each).
-    fn slot_setup(
+    /// A new slot: its directories (the build directory below `tmp_base`) and its
+    /// keeper, which makes the namespaces and the skeleton.
+    fn make_slot(
         &mut self,
-        iso: &mut Isolation,
         store: &mut LocalStore,
-        graph: &PathGraph,
-        closure: &[u32],
-        build_dir: &Path,
         user: Option<(u32, u32)>,
-    ) -> Result<Option<ChildSetup>, SandboxError> {
-        // The free slot whose view is nearest to this closure; a free one not made yet,
-        // or a new one.
-        let nearest = self
-            .slots
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| !s.busy)
-            .filter_map(|(k, s)| s.ns.as_ref().map(|ns| (ns.diff_len(closure), k)))
-            .min();
-        let k = match nearest
-            .map(|(_, k)| k)
-            .or_else(|| self.slots.iter().position(|s| !s.busy))
-        {
-            Some(k) => k,
-            None => {
-                self.slots.push(slot::Slot::default());
-                self.slots.len() - 1
-            }
-        };
+        tmp_base: &Path,
+    ) -> Result<slot::SlotNs, SandboxError> {
         let store_dir = store.store_dir().as_str().to_string();
-        if self.slots[k].ns.is_none() {
+        let build_dir = slot_build_dir(tmp_base)?;
+        {
             let root = self.root.clone();
             let r = |p: &str| under(&root, p);
             let dir = store.staging_path();
@@ -1661,6 +1691,14 @@ impl Sandbox {
             ops.push(Op::Mkdir {
                 path: r(SANDBOX_BUILD_DIR),
                 mode: 0o755,
+            });
+            // Each build's directory is the slot's, at /build for the slot's life.
+            ops.push(Op::Bind {
+                src: cp(&build_dir),
+                dst: r(SANDBOX_BUILD_DIR),
+                ro: false,
+                optional: false,
+                copy_symlink: false,
             });
             self.skeleton_ops(&mut ops, &r, false);
             // A builder that stays root sees the store through idmapped mounts (see
@@ -1783,15 +1821,21 @@ impl Sandbox {
                 idmap,
                 real_store: Path::new(&store_dir),
             };
-            match slot::SlotNs::create(dir, how, ops) {
-                Ok(ns) => self.slots[k].ns = Some(ns),
-                Err(e) => {
-                    log::warn!("{e}; sandboxes will not be reused");
-                    self.reuse = false;
-                    return Ok(None);
-                }
-            }
+            slot::SlotNs::create(dir, build_dir, how, ops)
         }
+    }
+
+    /// The reused-sandbox path for the build that took slot `k`: the diff from the slot's
+    /// last closure to this build's.
+    fn slot_setup(
+        &mut self,
+        k: usize,
+        store: &mut LocalStore,
+        graph: &PathGraph,
+        closure: Vec<u32>,
+        user: Option<(u32, u32)>,
+    ) -> Result<ChildSetup, SandboxError> {
+        let store_dir = store.store_dir().as_str().to_string();
         let real_store = PathBuf::from(&store_dir);
         let (passwd, group) = etc_user(user);
         let name = |id: u32| graph.path(id).base_name();
@@ -1802,9 +1846,8 @@ impl Sandbox {
         let setup = ns.plan(slot::SlotBuild {
             real_store: &real_store,
             store_dir: &store_dir,
-            closure: closure.to_vec(),
+            closure,
             name: &name,
-            build_dir,
             passwd,
             group,
             last: last_op(user),
@@ -1812,17 +1855,32 @@ impl Sandbox {
         let mut setup = match setup {
             Ok(s) => s,
             Err(e) => {
-                // The view may be half planned: make the slot again next time.
+                // The view may be half planned: make the slot again next time (its build
+                // directory is the build's, which the worker deletes).
                 if let Some(ns) = self.slots[k].ns.take() {
-                    ns.remove();
+                    let dir = ns.dir.clone();
+                    drop(ns);
+                    let _ = crate::store::fsutil::delete_path(&dir);
                 }
                 return Err(e);
             }
         };
         setup.spawn = self.spawn;
-        self.slots[k].busy = true;
-        iso.run.slot = Some(k);
-        Ok(Some(ChildSetup::Sandbox(Box::new(setup))))
+        Ok(ChildSetup::Sandbox(Box::new(setup)))
+    }
+}
+
+/// A new build directory for a sandbox slot below `base` (mode 0700, root's).
+fn slot_build_dir(base: &Path) -> Result<PathBuf, SandboxError> {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    loop {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = base.join(format!("nix-build-slot-{}-{n}", std::process::id()));
+        match fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(io_err("create build directory", &dir)(e)),
+        }
     }
 }
 

@@ -167,9 +167,11 @@ pub(super) struct SlotNs {
     /// that used it.
     trash_next: u64,
     trash: Option<(u64, u32)>,
-    /// The last build's directory: still mounted at `/build` until the next build moves
-    /// it to its trash (deleted before that, it could not be moved).
-    held_build_dir: Option<PathBuf>,
+    /// The slot's build directory on the host, bound at `/build` by the keeper: each
+    /// build's (emptied and reset after each success; no mount per build).
+    pub build_dir: PathBuf,
+    /// The names of its extended attributes when made (a security label, say).
+    build_dir_xattrs: Vec<u8>,
     /// The slot directory on the store's file system: `store/` (bound at the store path
     /// inside, where outputs are written) and `pool/` (spare directory mount points).
     pub dir: PathBuf,
@@ -186,7 +188,7 @@ pub(super) struct SlotNs {
     /// Names (numbers) of the spare directories in `pool/`, and the last number used.
     pool: Vec<u32>,
     pool_next: u32,
-    /// Whether `/proc`, `/tmp`, `/dev/shm` and `/build` of a last build are mounted.
+    /// Whether `/proc` (and `/tmp` of a store below it) of a last build are mounted.
     per_build_mounted: bool,
     /// The `/etc/passwd` and `/etc/group` written last (the same build user: not again).
     etc: Option<(CString, CString)>,
@@ -210,7 +212,6 @@ pub(super) struct SlotBuild<'a> {
     /// names.
     pub closure: Vec<u32>,
     pub name: &'a dyn Fn(u32) -> &'a str,
-    pub build_dir: &'a Path,
     /// `/etc/passwd` and `/etc/group` of this build.
     pub passwd: CString,
     pub group: CString,
@@ -462,6 +463,26 @@ impl StoreWatch {
     }
 }
 
+/// The names of the extended attributes of `path` (none where the file system has none).
+fn xattr_names(path: &Path) -> io::Result<Vec<u8>> {
+    let p = cp(path);
+    let mut buf = vec![0u8; 1024];
+    loop {
+        // SAFETY: a list into our buffer of its length, on a NUL-terminated path.
+        let n = unsafe { libc::llistxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n >= 0 {
+            buf.truncate(n as usize);
+            return Ok(buf);
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::ENOTSUP) => return Ok(Vec::new()),
+            Some(libc::ERANGE) if buf.len() < 1 << 16 => buf.resize(buf.len() * 4, 0),
+            _ => return Err(e),
+        }
+    }
+}
+
 /// The user namespace whose ids an idmapped mount of the store shows to a builder that
 /// stays root: root and `nobody` swapped, every other id as it is. Through such a mount
 /// the store's files belong to `nobody` (as in Nix's sandbox, where root is not mapped),
@@ -546,14 +567,23 @@ impl SlotNs {
     /// Makes a slot: the directory `dir` (with `store/` owned by `owner` as Nix's
     /// chroot store: root, the build group, 1775) and the namespaces, from the keeper
     /// steps `ops` (which must bind `dir/store` at the store path and pivot_root).
-    pub fn create(dir: PathBuf, how: SlotKind<'_>, ops: Vec<Op>) -> Result<SlotNs, SandboxError> {
-        match SlotNs::make(&dir, &how, ops) {
-            Ok(fds) => Ok(SlotNs {
+    pub fn create(
+        dir: PathBuf,
+        build_dir: PathBuf,
+        how: SlotKind<'_>,
+        ops: Vec<Op>,
+    ) -> Result<SlotNs, SandboxError> {
+        let made = xattr_names(&build_dir)
+            .map_err(io_err("list extended attributes of", &build_dir))
+            .and_then(|x| Ok((x, SlotNs::make(&dir, &how, ops)?)));
+        match made {
+            Ok((build_dir_xattrs, fds)) => Ok(SlotNs {
+                build_dir_xattrs,
                 fds,
                 hardlinks: how.idmap >= 0 || how.store_group.is_some(),
                 trash_next: 0,
                 trash: None,
-                held_build_dir: None,
+                build_dir,
                 dir,
                 current: HashMap::new(),
                 view: Vec::new(),
@@ -569,6 +599,7 @@ impl SlotNs {
             }),
             Err(e) => {
                 let _ = crate::store::fsutil::delete_path(&dir);
+                let _ = crate::store::fsutil::delete_path(&build_dir);
                 Err(e)
             }
         }
@@ -756,13 +787,7 @@ impl SlotNs {
             fd: self.fds.uts.as_raw_fd(),
             nstype: libc::CLONE_NEWUTS,
         });
-        // 1. Still in the daemon's mount namespace: a clone of the build directory.
-        ops.push(Op::OpenTree {
-            src: cp(b.build_dir),
-            slot: 0,
-            ro: false,
-            idmap: -1,
-        });
+        // 1. Into the slot's mount namespace (`/build` is the slot's, bound by the keeper).
         ops.push(Op::SetNs {
             fd: self.fds.mnt.as_raw_fd(),
             nstype: libc::CLONE_NEWNS,
@@ -816,9 +841,7 @@ impl SlotNs {
             });
         }
         if self.per_build_mounted {
-            for p in ["/proc", "/build"] {
-                to_trash(&mut ops, inside(p), false);
-            }
+            to_trash(&mut ops, inside("/proc"), false);
         }
         for (n, k) in &stale {
             if mounted(k) {
@@ -959,10 +982,6 @@ impl SlotNs {
                 to: inside(b.store_dir),
             });
         }
-        ops.push(Op::MoveMount {
-            slot: 0,
-            dst: inside("/build"),
-        });
         ops.extend(binds);
         ops.push(Op::Mount {
             src: c("proc"),
@@ -995,17 +1014,16 @@ impl SlotNs {
         ops.extend(b.last);
         self.per_build_mounted = true;
         let mut setup = SandboxSetup::new(libc::CLONE_NEWPID, ops);
-        setup.fds = vec![std::cell::Cell::new(-1); 1];
         setup.time_steps();
         Ok(setup)
     }
 
     /// Closes the namespaces (which unmounts what was in them), then deletes the slot's
     /// directory and the build directory it held.
-    pub fn remove(mut self) {
-        let dirs = [Some(self.dir.clone()), self.held_build_dir.take()];
+    pub fn remove(self) {
+        let dirs = [self.dir.clone(), self.build_dir.clone()];
         drop(self);
-        for d in dirs.iter().flatten() {
+        for d in &dirs {
             let _ = crate::store::fsutil::delete_path(d);
         }
     }
@@ -1047,13 +1065,14 @@ impl SlotNs {
         Ok(())
     }
 
-    /// After a successful build: asks the keeper to detach the build's trash, and holds
-    /// `build_dir` (mounted at `/build` until the next build moves it away). Returns the
-    /// build directory held before, now free to delete.
-    pub fn release(&mut self, build_dir: &Path) -> Result<Option<PathBuf>, SandboxError> {
+    /// After a successful build: empties the slot's build directory and gives it back
+    /// its first state, and every `TRASH_BATCH` builds asks the keeper to detach the
+    /// trash.
+    pub fn release(&mut self) -> Result<(), SandboxError> {
+        self.reset_build_dir()?;
         if let Some((id, uses)) = self.trash {
             if uses < TRASH_BATCH {
-                return Ok(self.held_build_dir.replace(build_dir.to_path_buf()));
+                return Ok(());
             }
             self.trash = None;
             if !self.fds.keeper.detach(id) {
@@ -1063,12 +1082,37 @@ impl SlotNs {
                 )));
             }
         }
-        Ok(self.held_build_dir.replace(build_dir.to_path_buf()))
+        Ok(())
     }
 
-    /// The build directory this slot holds, if any (to delete with the slot).
-    pub fn take_held_build_dir(&mut self) -> Option<PathBuf> {
-        self.held_build_dir.take()
+    /// Empties the build directory (what the builder left, whatever its modes) and makes
+    /// it root's with mode 0700 again, as a fresh one; one the builder gave extended
+    /// attributes (an ACL, say) is an error: the slot is made again with a new one.
+    fn reset_build_dir(&self) -> Result<(), SandboxError> {
+        use std::os::unix::fs::MetadataExt;
+        let d = &self.build_dir;
+        let fail = |e: crate::store::fsutil::FsError| SandboxError::Setup(e.to_string());
+        let md = fs::symlink_metadata(d).map_err(io_err("stat", d))?;
+        if md.mode() & 0o7777 != 0o700 {
+            fs::set_permissions(d, fs::Permissions::from_mode(0o700))
+                .map_err(io_err("change mode of", d))?;
+        }
+        for e in fs::read_dir(d).map_err(io_err("read directory", d))? {
+            let e = e.map_err(io_err("read directory", d))?;
+            crate::store::fsutil::delete_path(&e.path()).map_err(fail)?;
+        }
+        if md.uid() != 0 || md.gid() != 0 {
+            std::os::unix::fs::chown(d, Some(0), Some(0)).map_err(io_err("change owner of", d))?;
+        }
+        if xattr_names(d).map_err(io_err("list extended attributes of", d))?
+            != self.build_dir_xattrs
+        {
+            return Err(SandboxError::Setup(format!(
+                "the extended attributes of build directory {} were changed",
+                d.display()
+            )));
+        }
+        Ok(())
     }
 
     /// Ends the watch of the store directory when the builder is done: what it saw is

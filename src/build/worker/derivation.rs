@@ -522,7 +522,7 @@ impl Worker {
         };
         let input_roots = self.input_roots(&drv)?;
         // The closure the choice of this build computed, if of the same roots.
-        let closure = self.picked_closure.take().and_then(|(roots, c)| {
+        let mut closure = self.picked_closure.take().and_then(|(roots, c)| {
             let mut sorted = input_roots.clone();
             sorted.sort_unstable();
             (*roots == *sorted).then(|| c.into_vec())
@@ -530,7 +530,22 @@ impl Worker {
         for (_, p) in plan.outputs.iter() {
             self.graph.intern(p);
         }
-        let build_dir = create_build_dir(&self.cfg.tmp_dir, drv_path).map_err(io_msg)?;
+        // A reused sandbox slot's build directory is the build's, or a new one.
+        let build_dir = match self
+            .sandbox
+            .reserve_slot(
+                &mut iso,
+                &mut self.store,
+                &self.graph,
+                (&input_roots, &mut closure),
+                &drv,
+                &self.cfg.tmp_dir,
+            )
+            .map_err(io_msg)?
+        {
+            Some(dir) => dir,
+            None => create_build_dir(&self.cfg.tmp_dir, drv_path).map_err(io_msg)?,
+        };
         let prepared = (|| {
             let impure = |n: &str| std::env::var_os(n).map(|v| v.as_encoded_bytes().to_vec());
             let ctx = BuildContext {
@@ -569,13 +584,9 @@ impl Worker {
                 let _ = fsutil::delete_path(&build_dir);
                 // A reused sandbox slot taken for this build is given back (and made
                 // again: its setup may have been half run).
-                let released = self.sandbox.finish(
-                    &mut iso.run,
-                    &self.store,
-                    &plan.outputs,
-                    false,
-                    &build_dir,
-                );
+                let released = self
+                    .sandbox
+                    .finish(&mut iso.run, &self.store, &plan.outputs, false);
                 self.cleanup.extend(released.later);
                 return Err(f);
             }
@@ -654,9 +665,9 @@ impl Worker {
         drop(child);
         let build_uid = isolation.build_uid();
         let ok = failure.is_none();
-        let released =
-            self.sandbox
-                .finish(&mut isolation, &self.store, &plan.outputs, ok, &build_dir);
+        let released = self
+            .sandbox
+            .finish(&mut isolation, &self.store, &plan.outputs, ok);
         self.cleanup.extend(released.later);
         let failure = match released.result {
             Ok(()) => failure,
