@@ -1,38 +1,41 @@
-//! Reused sandboxes: one long-lived mount, network and IPC namespace per build slot, whose
-//! store view is brought from the last build's input closure to the next one by changing
-//! only the paths that differ. It knows the namespaces, the slot's keeper process, the
-//! on-disk slot directory and the diff; it knows nothing of goals, logs or which build
-//! holds a slot (the worker asks `Sandbox` for a slot and gives it back).
+//! Reused sandboxes: one long-lived mount, network, IPC and UTS namespace per build slot,
+//! whose store view is brought from the last build's input closure to the next one by
+//! changing only the paths that differ. It knows the namespaces, the slot's keeper
+//! process, the on-disk slot directory and the diff; it knows nothing of goals, logs or
+//! which build holds a slot (the worker asks `Sandbox` for a slot and gives it back).
 //!
 //! A slot is made once by its keeper, a child that stays for the life of the slot: a
-//! private tmpfs root with `/dev`, `/etc`, `/proc`, `/build` mount points, a tmpfs on
-//! `/tmp` and `/dev/shm`, the `--sandbox-paths` binds, the loopback interface up, the
-//! slot's on-disk store directory at the store path, and below `/.hauberk-trash` (a
-//! tmpfs no builder may enter) a read-only view of the store, the IPC namespace's mqueue
-//! file system and the template of each build's trash; then pivot_root. The daemon holds
-//! the namespaces by descriptor; the keeper, told each finished build's number, detaches
-//! that build's trash (an unmount waits for an RCU grace period: there it keeps nobody
-//! waiting).
+//! private tmpfs root with `/dev`, `/etc`, `/proc` mount points, the slot's build
+//! directory bound at `/build`, a tmpfs on `/tmp` and `/dev/shm`, the `--sandbox-paths`
+//! binds, the loopback interface up, the host name `localhost`, the slot's on-disk store
+//! directory at the store path, and below `/.hauberk-trash` (a tmpfs no builder may
+//! enter) a read-only view of the store, the IPC namespace's mqueue file system and the
+//! template of the trash; then pivot_root. The daemon holds the namespaces by descriptor;
+//! the keeper, told the number of a trash 16 builds used, detaches it (an unmount waits
+//! for an RCU grace period: there it keeps nobody waiting).
 //!
-//! Each build's child (a new PID namespace from clone, a new UTS one by unshare) then:
-//! 1. clones the build directory, enters the slot's mount namespace, joins the slot's IPC
-//!    namespace if the last build left it empty (else makes a new one), binds the
-//!    template as its trash and moves the last build's `/proc` and `/build` and the stale
-//!    directory inputs onto it, and keeps `/tmp` and `/dev/shm` if left as made (else
+//! Each build's child (a new PID namespace from clone) then:
+//! 1. enters the slot's UTS and mount namespaces, joins the slot's IPC namespace if the
+//!    last build left it empty (else makes a new one), moves the last build's `/proc` and
+//!    the stale directory inputs onto its own mount points in the trash (binding a new
+//!    trash every 16 builds), and keeps `/tmp` and `/dev/shm` if left as made (else
 //!    replaces them);
 //! 2. removes and makes the entries of the slot's store directory by descriptor (no trip
 //!    back to the host's namespace): file inputs are hard links of the store's own files
 //!    (a builder cannot change them: a build user is not their owner, and root sees the
 //!    store through idmapped mounts on which they are `nobody`'s), directories are mount
-//!    points recycled through a pool by rename; then adds the store directory's inotify
-//!    watch (this build's own instance) and marks the start of the builder's changes;
-//! 3. enters the slot's network namespace, attaches `/build`, binds the new directory
-//!    inputs from the store view, mounts `/proc`, writes `/etc/passwd` and `/etc/group`
-//!    when the build user changed, and goes on to exec the builder.
+//!    points recycled through a pool by rename; then arms the store directory's inotify
+//!    watch: what it sees from then on is the builder's doing;
+//! 3. enters the slot's network namespace, binds the new directory inputs from the store
+//!    view, mounts `/proc`, writes `/etc/passwd` and `/etc/group` when the build user
+//!    changed, and goes on to exec the builder.
 //!
-//! After a successful build the outputs move into the store, and only the names the
-//! builder touched after the mark are swept. A slot whose build did not succeed is thrown
-//! away and made again, so a half-applied diff is never reused.
+//! After a successful build the daemon quiets the watch, the outputs move into the
+//! store, only the names the builder touched are swept, and the build directory is
+//! emptied and reset for the next build. A slot whose build did not succeed is thrown
+//! away and made again, so a half-applied diff is never reused. The worker picks, among
+//! the first ready builds, the one whose closure is nearest to a free slot's view
+//! (`SlotNs::diff_len`).
 
 use std::collections::HashMap;
 use std::ffi::CString;
