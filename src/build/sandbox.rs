@@ -1132,6 +1132,10 @@ pub struct Sandbox {
     /// or once making a slot failed (builds then get a sandbox each, as before).
     reuse: bool,
     slots: Vec<slot::Slot>,
+    /// How many slots may be made: more than builds run at once, so that the one nearest
+    /// to a build's closure has less to change (a slot whose empty view is nearer than
+    /// any free one's is made).
+    max_slots: usize,
     /// The user namespace of idmapped store mounts for builders that stay root (see
     /// `slot::idmap_userns`): not tried yet, or unavailable.
     idmap: Option<Option<OwnedFd>>,
@@ -1235,6 +1239,7 @@ impl Sandbox {
             empty: None,
             reuse,
             slots: Vec::new(),
+            max_slots: 2,
             idmap: None,
             spawn: SpawnMode::configured(),
         }
@@ -1333,14 +1338,24 @@ impl Sandbox {
         if !self.reuse || self.cfg.mode == SandboxMode::Off {
             return None;
         }
-        self.slots
-            .iter()
-            .filter(|s| !s.busy)
-            .filter_map(|s| s.ns.as_ref())
-            .map(|ns| ns.diff_len(closure))
-            .min()
+        self.nearest_slot(closure).map(|(cost, _)| cost)
     }
 
+    /// How many builds may run at once: twice as many slots may be made.
+    pub fn set_max_jobs(&mut self, jobs: u32) {
+        self.max_slots = 2 * (jobs.max(1) as usize);
+    }
+
+    /// The free slot nearest to `closure` (the paths it would change) and its index: a
+    /// made one, or one to make (an empty view) while fewer than `max_slots` are made.
+    fn nearest_slot(&self, closure: &[u32]) -> Option<(usize, usize)> {
+        let slots = self.slots.iter().map(|s| match &s.ns {
+            _ if s.busy => SlotState::Busy,
+            Some(ns) => SlotState::Free(ns.diff_len(closure)),
+            None => SlotState::Unmade,
+        });
+        nearest_slot(slots, closure.len(), self.max_slots)
+    }
     /// Decides how `drv` is isolated and takes a build user; [`Begin::UsersBusy`] when
     /// every build user is busy. An unusable group is an error.
     pub fn begin(
@@ -1415,22 +1430,22 @@ impl Sandbox {
         }
         self.ready_root()?;
         let closure = closure.get_or_insert_with(|| graph.closure(input_roots));
-        let nearest = self
-            .slots
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| !s.busy)
-            .filter_map(|(k, s)| s.ns.as_ref().map(|ns| (ns.diff_len(closure), k)))
-            .min();
-        let k = match nearest
-            .map(|(_, k)| k)
-            .or_else(|| self.slots.iter().position(|s| !s.busy))
-        {
-            Some(k) => k,
-            None => {
+        let k = match self.nearest_slot(closure) {
+            Some((_, k)) if k < self.slots.len() => k,
+            // A new one.
+            Some(_) => {
                 self.slots.push(slot::Slot::default());
                 self.slots.len() - 1
             }
+            // Every made slot is busy and `max_slots` are made (preferLocalBuild goals
+            // may run beyond `--max-jobs`): one more.
+            None => match self.slots.iter().position(|s| !s.busy) {
+                Some(k) => k,
+                None => {
+                    self.slots.push(slot::Slot::default());
+                    self.slots.len() - 1
+                }
+            },
         };
         if self.slots[k].ns.is_none() {
             let user = iso.run.user.as_ref().map(|u| (u.uid, u.gid));
@@ -1870,6 +1885,48 @@ impl Sandbox {
     }
 }
 
+/// What a slot is to the choice of the next build's: busy, free with the number of paths
+/// its view would change, or not made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SlotState {
+    Busy,
+    Free(usize),
+    Unmade,
+}
+
+/// The free slot nearest to a closure of `closure_len` paths: (paths to change, index).
+/// A made one, or one to make (its view is empty: all the closure to add) while fewer
+/// than `max_slots` are busy or made, at the index of the first unmade slot or past the
+/// end; ties go to a made one. `None`: no free made slot and no more may be made.
+fn nearest_slot(
+    slots: impl Iterator<Item = SlotState>,
+    closure_len: usize,
+    max_slots: usize,
+) -> Option<(usize, usize)> {
+    let (mut made, mut unmade, mut in_use, mut len) = (None::<(usize, usize)>, None, 0, 0);
+    for (k, s) in slots.enumerate() {
+        len = k + 1;
+        match s {
+            SlotState::Busy => in_use += 1,
+            SlotState::Free(diff) => {
+                in_use += 1;
+                if made.is_none_or(|m| diff < m.0) {
+                    made = Some((diff, k));
+                }
+            }
+            SlotState::Unmade => {
+                unmade.get_or_insert(k);
+            }
+        }
+    }
+    let new = (in_use < max_slots).then(|| (closure_len, unmade.unwrap_or(len)));
+    match (made, new) {
+        (Some(m), Some(n)) if n.0 < m.0 => Some(n),
+        (Some(m), _) => Some(m),
+        (None, n) => n,
+    }
+}
+
 /// A new build directory for a sandbox slot below `base` (mode 0700, root's).
 fn slot_build_dir(base: &Path) -> Result<PathBuf, SandboxError> {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
@@ -2000,6 +2057,24 @@ fn chown_tree(dir: &Path, uid: u32, gid: u32) -> Result<(), SandboxError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_nearest_slot_takes_the_build() {
+        use SlotState::{Busy, Free, Unmade};
+        let pick = |s: &[SlotState], len, max| nearest_slot(s.iter().copied(), len, max);
+        // The free slot with the fewest paths to change; busy ones do not count.
+        assert_eq!(pick(&[Free(9), Busy, Free(4)], 30, 3), Some((4, 2)));
+        // An empty view is nearer: a slot is made, past the end...
+        assert_eq!(pick(&[Free(9), Busy], 3, 4), Some((3, 2)));
+        // ... or where one is unmade (thrown away after a failure).
+        assert_eq!(pick(&[Free(9), Unmade, Busy], 3, 4), Some((3, 1)));
+        // Not beyond `max_slots` (busy and made ones count), and ties go to a made one.
+        assert_eq!(pick(&[Free(9), Busy], 3, 2), Some((9, 0)));
+        assert_eq!(pick(&[Free(3), Busy], 3, 4), Some((3, 0)));
+        // Nothing free and no more may be made; the first slot of all.
+        assert_eq!(pick(&[Busy, Busy], 3, 2), None);
+        assert_eq!(pick(&[], 0, 2), Some((0, 0)));
+    }
 
     #[test]
     fn sandbox_paths_as_nix() {

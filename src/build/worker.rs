@@ -333,7 +333,8 @@ fn io_msg(e: impl fmt::Display) -> Failure {
 
 impl Worker {
     pub fn new(store: LocalStore, cfg: WorkerConfig) -> Worker {
-        let sandbox = Sandbox::new(cfg.sandbox.clone(), store.state_dir());
+        let mut sandbox = Sandbox::new(cfg.sandbox.clone(), store.state_dir());
+        sandbox.set_max_jobs(cfg.max_jobs);
         Worker {
             sandbox,
             store,
