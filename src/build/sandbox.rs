@@ -1910,7 +1910,7 @@ fn nearest_slot(
             SlotState::Busy => in_use += 1,
             SlotState::Free(diff) => {
                 in_use += 1;
-                if made.is_none_or(|m| diff < m.0) {
+                if made.map_or(true, |m| diff < m.0) {
                     made = Some((diff, k));
                 }
             }
