@@ -264,6 +264,31 @@ fn a_slots_trash_is_detached_every_few_builds() {
 }
 
 #[test]
+fn a_root_builder_cannot_change_the_slots_store_directory_for_the_next_build() {
+    // Without idmapped mounts a builder that stays root owns the slot's store directory:
+    // it may chmod it, but the next build in the slot sees it as made.
+    let Some(e) = Env::sandboxed("store-dir-mode") else {
+        return;
+    };
+    let a = e.mk(
+        "a",
+        "echo a > $out; chmod 0711 $NIX_STORE 2>/dev/null; true",
+        &[],
+        &[],
+    );
+    let b = e.mk("b", "stat -c %a $NIX_STORE > $out", &[&a], &[]);
+    let o = e
+        .cmd()
+        .env("HAUBERK_SANDBOX_IDMAP", "0")
+        .args(["build", "--sandbox", "--sandbox-paths", HOST_PATHS])
+        .args(["--max-jobs", "1", &b.0])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(std::fs::read_to_string(&b.1).unwrap(), "755\n");
+}
+
+#[test]
 fn reused_sandboxes_with_the_store_outside_tmp() {
     // A store below /tmp is parked while each build gets a fresh /tmp; elsewhere not.
     let base = Path::new("/var/tmp");

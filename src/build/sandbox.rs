@@ -1262,6 +1262,10 @@ impl Sandbox {
             None => Ok(()),
         };
         let slot = run.slot.take();
+        // Given back whatever happened (a slot whose setup failed has no namespaces left).
+        if let Some(k) = slot {
+            self.slots[k].busy = false;
+        }
         let dir = match slot {
             Some(k) => self.slots[k].ns.as_ref().map(|ns| ns.dir.join("store")),
             None => run.chroot_store.take(),
@@ -1719,8 +1723,16 @@ impl Sandbox {
             self.skeleton_ops(&mut ops, &r, false);
             // A builder that stays root sees the store through idmapped mounts (see
             // `slot::idmap_userns`), tried once.
+            // (`HAUBERK_SANDBOX_IDMAP=0` turns them off: what happens where the kernel or
+            // file system has none.)
             if user.is_none() && self.idmap.is_none() {
-                self.idmap = Some(match slot::idmap_userns(Path::new(&store_dir)) {
+                let off = std::env::var_os("HAUBERK_SANDBOX_IDMAP").is_some_and(|v| v == "0");
+                let made = if off {
+                    Err("idmapped mounts are off (HAUBERK_SANDBOX_IDMAP=0)".to_string())
+                } else {
+                    slot::idmap_userns(Path::new(&store_dir))
+                };
+                self.idmap = Some(match made {
                     Ok(fd) => Some(fd),
                     Err(e) => {
                         log::info!("{e}: file inputs of reused sandboxes are mounts");

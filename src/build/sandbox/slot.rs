@@ -175,6 +175,10 @@ pub(super) struct SlotNs {
     pub build_dir: PathBuf,
     /// The names of its extended attributes when made (a security label, say).
     build_dir_xattrs: Vec<u8>,
+    /// The store directory's mode, owner, group and extended attribute names when made:
+    /// a builder that owns it (root without idmapped mounts) could change them, and the
+    /// watch does not report that (see `StoreWatch`).
+    store_dir_attrs: DirAttrs,
     /// The slot directory on the store's file system: `store/` (bound at the store path
     /// inside, where outputs are written) and `pool/` (spare directory mount points).
     pub dir: PathBuf,
@@ -466,6 +470,29 @@ impl StoreWatch {
     }
 }
 
+/// What a builder that owns a directory could change on it without the directory's
+/// entries changing: mode, owner, group, extended attribute names (an ACL, say).
+#[derive(Debug, PartialEq, Eq)]
+struct DirAttrs {
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    xattrs: Vec<u8>,
+}
+
+impl DirAttrs {
+    fn of(path: &Path) -> io::Result<DirAttrs> {
+        use std::os::unix::fs::MetadataExt;
+        let md = fs::symlink_metadata(path)?;
+        Ok(DirAttrs {
+            mode: md.mode(),
+            uid: md.uid(),
+            gid: md.gid(),
+            xattrs: xattr_names(path)?,
+        })
+    }
+}
+
 /// The names of the extended attributes of `path` (none where the file system has none).
 fn xattr_names(path: &Path) -> io::Result<Vec<u8>> {
     let p = cp(path);
@@ -576,12 +603,19 @@ impl SlotNs {
         how: SlotKind<'_>,
         ops: Vec<Op>,
     ) -> Result<SlotNs, SandboxError> {
+        let store = dir.join("store");
         let made = xattr_names(&build_dir)
             .map_err(io_err("list extended attributes of", &build_dir))
-            .and_then(|x| Ok((x, SlotNs::make(&dir, &how, ops)?)));
+            .and_then(|x| {
+                let fds = SlotNs::make(&dir, &how, ops)?;
+                // As the keeper left it (the idmapped mount does not change it on disk).
+                let attrs = DirAttrs::of(&store).map_err(io_err("stat", &store))?;
+                Ok((x, attrs, fds))
+            });
         match made {
-            Ok((build_dir_xattrs, fds)) => Ok(SlotNs {
+            Ok((build_dir_xattrs, store_dir_attrs, fds)) => Ok(SlotNs {
                 build_dir_xattrs,
+                store_dir_attrs,
                 fds,
                 hardlinks: how.idmap >= 0 || how.store_group.is_some(),
                 trash_next: 0,
@@ -1129,6 +1163,12 @@ impl SlotNs {
     /// Looks only at the names the builder touched, when the watch can tell them.
     pub fn sweep(&mut self, real_store: &Path, outputs: &[&str]) -> Result<(), SandboxError> {
         let store = self.dir.join("store");
+        if DirAttrs::of(&store).map_err(io_err("stat", &store))? != self.store_dir_attrs {
+            return Err(SandboxError::Setup(format!(
+                "the store directory {} was changed in the sandbox",
+                store.display()
+            )));
+        }
         let touched = match self.touched.take() {
             Some(t) => t,
             None => self.fds.watch.stop(),
