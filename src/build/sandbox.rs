@@ -1137,6 +1137,10 @@ pub struct Sandbox {
     /// changed 10% fewer paths on layered 500 but made the run 5% slower: making a slot
     /// costs milliseconds, a path microseconds.)
     max_slots: usize,
+    /// The directory of the slots' build directories (`TMPDIR/nix-build-slots-PID-K`,
+    /// 0700 root's: what a builder makes in its build directory, a set-uid file say, is
+    /// out of other users' reach), made with the first slot.
+    slot_dirs: Option<PathBuf>,
     /// The user namespace of idmapped store mounts for builders that stay root (see
     /// `slot::idmap_userns`): not tried yet, or unavailable.
     idmap: Option<Option<OwnedFd>>,
@@ -1241,6 +1245,7 @@ impl Sandbox {
             reuse,
             slots: Vec::new(),
             max_slots: 2,
+            slot_dirs: None,
             idmap: None,
             spawn: SpawnMode::configured(),
         }
@@ -1311,9 +1316,9 @@ impl Sandbox {
             if let Some(ns) = s.ns.as_mut() {
                 let outs: Vec<&str> = outputs.iter().map(|(_, p)| p.base_name()).collect();
                 match ns.sweep(real_store, &outs).and_then(|()| ns.release()) {
-                    Ok(()) => {
+                    Ok(left) => {
                         return Released {
-                            later: Vec::new(),
+                            later: left.into_iter().collect(),
                             build_dir_held: true,
                             result,
                         }
@@ -1452,6 +1457,20 @@ impl Sandbox {
                 }
             },
         };
+        // A slot whose build directory was removed from outside is made again.
+        if self.slots[k]
+            .ns
+            .as_ref()
+            .is_some_and(|ns| !ns.build_dir_intact())
+        {
+            if let Some(ns) = self.slots[k].ns.take() {
+                log::warn!(
+                    "build directory {} of a sandbox slot is gone; the slot is made again",
+                    ns.build_dir.display()
+                );
+                ns.remove();
+            }
+        }
         if self.slots[k].ns.is_none() {
             let user = iso.run.user.as_ref().map(|u| (u.uid, u.gid));
             match self.make_slot(store, user, tmp_base) {
@@ -1701,7 +1720,23 @@ impl Sandbox {
         tmp_base: &Path,
     ) -> Result<slot::SlotNs, SandboxError> {
         let store_dir = store.store_dir().as_str().to_string();
-        let build_dir = slot_build_dir(tmp_base)?;
+        let parent = match &self.slot_dirs {
+            Some(p) => p.clone(),
+            None => {
+                // A new one (never one that exists: it could be anybody's, or a link).
+                let p = (0u32..)
+                    .map(|k| tmp_base.join(format!("nix-build-slots-{}-{k}", std::process::id())))
+                    .find_map(|p| match fs::DirBuilder::new().mode(0o700).create(&p) {
+                        Ok(()) => Some(Ok(p)),
+                        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => None,
+                        Err(e) => Some(Err(io_err("create directory", &p)(e))),
+                    })
+                    .unwrap_or_else(|| Err(SandboxError::Setup("no slot directory".into())))?;
+                self.slot_dirs = Some(p.clone());
+                p
+            }
+        };
+        let build_dir = slot_build_dir(&parent)?;
         {
             let root = self.root.clone();
             let r = |p: &str| under(&root, p);
@@ -1945,7 +1980,7 @@ fn slot_build_dir(base: &Path) -> Result<PathBuf, SandboxError> {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     loop {
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = base.join(format!("nix-build-slot-{}-{n}", std::process::id()));
+        let dir = base.join(format!("slot-{n}"));
         match fs::DirBuilder::new().mode(0o700).create(&dir) {
             Ok(()) => return Ok(dir),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
@@ -2029,6 +2064,10 @@ impl Drop for Sandbox {
             if let Some(ns) = slot.ns.take() {
                 ns.remove();
             }
+        }
+        // Unless a build directory was kept (`--keep-failed`) in it.
+        if let Some(p) = self.slot_dirs.take() {
+            let _ = fs::remove_dir(p);
         }
     }
 }

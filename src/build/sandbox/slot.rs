@@ -173,8 +173,11 @@ pub(super) struct SlotNs {
     /// The slot's build directory on the host, bound at `/build` by the keeper: each
     /// build's (emptied and reset after each success; no mount per build).
     pub build_dir: PathBuf,
-    /// The names of its extended attributes when made (a security label, say).
+    /// The names of its extended attributes when made (a security label, say), its
+    /// device and inode, and the number of the last directory of what builds left there.
     build_dir_xattrs: Vec<u8>,
+    build_dir_id: (u64, u64),
+    left_next: u32,
     /// The store directory's mode, owner, group and extended attribute names when made:
     /// a builder that owns it (root without idmapped mounts) could change them, and the
     /// watch does not report that (see `StoreWatch`).
@@ -605,7 +608,12 @@ impl SlotNs {
     ) -> Result<SlotNs, SandboxError> {
         let store = dir.join("store");
         let made = xattr_names(&build_dir)
-            .map_err(io_err("list extended attributes of", &build_dir))
+            .and_then(|x| {
+                use std::os::unix::fs::MetadataExt;
+                let m = fs::symlink_metadata(&build_dir)?;
+                Ok((x, (m.dev(), m.ino())))
+            })
+            .map_err(io_err("stat", &build_dir))
             .and_then(|x| {
                 let fds = SlotNs::make(&dir, &how, ops)?;
                 // As the keeper left it (the idmapped mount does not change it on disk).
@@ -613,8 +621,10 @@ impl SlotNs {
                 Ok((x, attrs, fds))
             });
         match made {
-            Ok((build_dir_xattrs, store_dir_attrs, fds)) => Ok(SlotNs {
+            Ok(((build_dir_xattrs, build_dir_id), store_dir_attrs, fds)) => Ok(SlotNs {
                 build_dir_xattrs,
+                build_dir_id,
+                left_next: 0,
                 store_dir_attrs,
                 fds,
                 hardlinks: how.idmap >= 0 || how.store_group.is_some(),
@@ -1105,11 +1115,13 @@ impl SlotNs {
     /// After a successful build: empties the slot's build directory and gives it back
     /// its first state, and every `TRASH_BATCH` builds asks the keeper to detach the
     /// trash.
-    pub fn release(&mut self) -> Result<(), SandboxError> {
-        self.reset_build_dir()?;
+    /// Returns a directory holding what the builder left in its build directory, to
+    /// delete later (off the way of the next builds, as other build directories).
+    pub fn release(&mut self) -> Result<Option<PathBuf>, SandboxError> {
+        let left = self.reset_build_dir()?;
         if let Some((id, uses)) = self.trash {
             if uses < TRASH_BATCH {
-                return Ok(());
+                return Ok(left);
             }
             self.trash = None;
             if !self.fds.keeper.detach(id) {
@@ -1119,24 +1131,47 @@ impl SlotNs {
                 )));
             }
         }
-        Ok(())
+        Ok(left)
+    }
+
+    /// Whether the build directory is still the one the keeper bound at `/build` (a
+    /// cleaner of old files in TMPDIR may have removed it).
+    pub fn build_dir_intact(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        fs::symlink_metadata(&self.build_dir)
+            .is_ok_and(|m| m.is_dir() && (m.dev(), m.ino()) == self.build_dir_id)
     }
 
     /// Empties the build directory (what the builder left, whatever its modes) and makes
     /// it root's with mode 0700 again, as a fresh one; one the builder gave extended
     /// attributes (an ACL, say) is an error: the slot is made again with a new one.
-    fn reset_build_dir(&self) -> Result<(), SandboxError> {
+    fn reset_build_dir(&mut self) -> Result<Option<PathBuf>, SandboxError> {
         use std::os::unix::fs::MetadataExt;
         let d = &self.build_dir;
-        let fail = |e: crate::store::fsutil::FsError| SandboxError::Setup(e.to_string());
         let md = fs::symlink_metadata(d).map_err(io_err("stat", d))?;
         if md.mode() & 0o7777 != 0o700 {
             fs::set_permissions(d, fs::Permissions::from_mode(0o700))
                 .map_err(io_err("change mode of", d))?;
         }
+        // What the builder left moves (one rename per entry) to a directory beside it.
+        let mut left = None;
         for e in fs::read_dir(d).map_err(io_err("read directory", d))? {
             let e = e.map_err(io_err("read directory", d))?;
-            crate::store::fsutil::delete_path(&e.path()).map_err(fail)?;
+            let to = match &left {
+                Some(t) => t,
+                None => {
+                    self.left_next += 1;
+                    let mut name = d.as_os_str().to_owned();
+                    name.push(format!(".left-{}", self.left_next));
+                    let t = PathBuf::from(name);
+                    fs::DirBuilder::new()
+                        .mode(0o700)
+                        .create(&t)
+                        .map_err(io_err("create directory", &t))?;
+                    left.insert(t)
+                }
+            };
+            fs::rename(e.path(), to.join(e.file_name())).map_err(io_err("move", &e.path()))?;
         }
         if md.uid() != 0 || md.gid() != 0 {
             std::os::unix::fs::chown(d, Some(0), Some(0)).map_err(io_err("change owner of", d))?;
@@ -1149,7 +1184,7 @@ impl SlotNs {
                 d.display()
             )));
         }
-        Ok(())
+        Ok(left)
     }
 
     /// Ends the watch of the store directory when the builder is done: what it saw is
