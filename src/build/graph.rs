@@ -106,6 +106,11 @@ impl PathGraph {
 
     /// The closure of `roots`, in discovery order.
     pub fn closure(&self, roots: &[u32]) -> Vec<u32> {
+        self.closure_beyond(Vec::new(), roots)
+    }
+
+    /// `known`, a closure, extended to the closure of `roots` too (each path once).
+    pub fn closure_beyond(&self, known: Vec<u32>, roots: &[u32]) -> Vec<u32> {
         let mut seen = self.seen.borrow_mut();
         let (marks, stamp) = &mut *seen;
         *stamp = stamp.wrapping_add(1);
@@ -114,7 +119,10 @@ impl PathGraph {
             *stamp = 1;
         }
         marks.resize(self.nodes.len(), 0);
-        let mut out = Vec::new();
+        for &id in &known {
+            marks[id as usize] = *stamp;
+        }
+        let mut out = known;
         let mut stack: Vec<u32> = roots.to_vec();
         while let Some(id) = stack.pop() {
             let m = &mut marks[id as usize];
@@ -207,6 +215,11 @@ mod tests {
         cl.sort();
         assert_eq!(cl, vec![a, b, c, d, e]);
         assert_eq!(g.closure(&[d]), vec![d]);
+        // A known closure extended by more roots: each path once.
+        let mut cl = g.closure_beyond(g.closure(&[b]), &[e]);
+        cl.sort();
+        assert_eq!(cl, vec![a, b, c, d, e]);
+        assert_eq!(g.closure_beyond(g.closure(&[c]), &[a]).len(), 3);
         let t: HashSet<u32> = [a, d].into_iter().collect();
         assert_eq!(g.reachable(&[c], &t), [a].into_iter().collect());
         let mut k = g.candidates();

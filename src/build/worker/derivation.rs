@@ -277,7 +277,9 @@ impl Worker {
         let Some(&front) = self.slot_queue.front() else {
             return 0;
         };
-        // No free reused slot made yet (or no reuse): the queue's order.
+        // No reuse, or no slot free nor to make: the queue's order. (With only slots to
+        // make, the view is empty: the smallest closure first. A fixed-output build,
+        // which gets a sandbox of its own, is ranked like the others.)
         if self.front_passed >= AFFINITY_WINDOW as u32 || self.sandbox.view_cost(&[]).is_none() {
             self.front_passed = 0;
             return 0;
@@ -521,11 +523,21 @@ impl Worker {
             }
         };
         let input_roots = self.input_roots(&drv)?;
-        // The closure the choice of this build computed, if of the same roots.
+        // The closure the choice of this build computed, if its roots are among this
+        // build's (all outputs of the inputs; this build may want fewer): extended to the
+        // rest (sources, say).
         let mut closure = self.picked_closure.take().and_then(|(roots, c)| {
             let mut sorted = input_roots.clone();
             sorted.sort_unstable();
-            (*roots == *sorted).then(|| c.into_vec())
+            sorted.dedup();
+            if !roots.iter().all(|r| sorted.binary_search(r).is_ok()) {
+                return None;
+            }
+            let rest: Vec<u32> = sorted
+                .into_iter()
+                .filter(|r| roots.binary_search(r).is_err())
+                .collect();
+            Some(self.graph.closure_beyond(c.into_vec(), &rest))
         });
         for (_, p) in plan.outputs.iter() {
             self.graph.intern(p);
