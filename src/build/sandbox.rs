@@ -1278,9 +1278,9 @@ impl Sandbox {
         let Some(dir) = dir else {
             return Released::now(killed);
         };
-        if let Some(ns) = slot.and_then(|k| self.slots[k].ns.as_mut()) {
-            ns.end_watch();
-        }
+        let seen = slot
+            .and_then(|k| self.slots[k].ns.as_ref())
+            .map(|ns| ns.end_watch());
         let mut moved = Ok(());
         for (_, p) in outputs {
             let name = p.base_name();
@@ -1310,21 +1310,21 @@ impl Sandbox {
             };
         };
         let s = &mut self.slots[k];
-        s.busy = false;
-        if result.is_ok() && succeeded {
+        if let (true, Some(ns), Some(seen)) = (result.is_ok() && succeeded, s.ns.as_mut(), seen) {
             let real_store = Path::new(store.store_dir().as_str());
-            if let Some(ns) = s.ns.as_mut() {
-                let outs: Vec<&str> = outputs.iter().map(|(_, p)| p.base_name()).collect();
-                match ns.sweep(real_store, &outs).and_then(|()| ns.release()) {
-                    Ok(left) => {
-                        return Released {
-                            later: left.into_iter().collect(),
-                            build_dir_held: true,
-                            result,
-                        }
+            let outs: Vec<&str> = outputs.iter().map(|(_, p)| p.base_name()).collect();
+            match ns
+                .sweep(seen, real_store, &outs)
+                .and_then(|()| ns.release())
+            {
+                Ok(left) => {
+                    return Released {
+                        later: left.into_iter().collect(),
+                        build_dir_held: true,
+                        result,
                     }
-                    Err(e) => log::warn!("{e}; the sandbox slot is made again"),
                 }
+                Err(e) => log::warn!("{e}; the sandbox slot is made again"),
             }
         }
         // Closing the namespaces unmounts everything; the directory goes later (the
@@ -1342,8 +1342,8 @@ impl Sandbox {
     }
 
     /// How many paths the free reused slot nearest to it would add or remove for a build
-    /// with input closure `closure`; `None` when no reused slot is free and made (or no
-    /// reuse). For the worker's choice of the next build: the fewer, the less setup.
+    /// with input closure `closure` (a slot still to make: all of it); `None` when no slot
+    /// is free nor may be made (or no reuse). For the worker's choice of the next build: the fewer, the less setup.
     pub fn view_cost(&self, closure: &[u32]) -> Option<usize> {
         if !self.reuse || self.cfg.mode == SandboxMode::Off {
             return None;

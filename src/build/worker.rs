@@ -1080,6 +1080,7 @@ impl Worker {
         self.awake.clear();
         self.subst_queue.clear();
         self.slot_queue.clear();
+        self.view_closures.clear();
         self.local_queue.clear();
     }
 

@@ -173,10 +173,9 @@ pub(super) struct SlotNs {
     /// The slot's build directory on the host, bound at `/build` by the keeper: each
     /// build's (emptied and reset after each success; no mount per build).
     pub build_dir: PathBuf,
-    /// The names of its extended attributes when made (a security label, say), its
-    /// device and inode, and the number of the last directory of what builds left there.
-    build_dir_xattrs: Vec<u8>,
-    build_dir_id: (u64, u64),
+    /// Its attributes when made (0700, root's; extended attributes such as a security
+    /// label), and the number of the last directory of what builds left there.
+    build_dir_attrs: DirAttrs,
     left_next: u32,
     /// The store directory's mode, owner, group and extended attribute names when made:
     /// a builder that owns it (root without idmapped mounts) could change them, and the
@@ -187,14 +186,14 @@ pub(super) struct SlotNs {
     pub dir: PathBuf,
     /// Base names bound in the store view now.
     current: HashMap<Box<str>, EntryKind>,
-    /// The same by id: the ids in view, whether each id is, and the closure stamps that
-    /// find what left it (no hashing of the whole closure per build).
+    /// The same by id: the ids in view, and per id the number of the last view that held
+    /// it (`stamp` is the current view's), which finds what comes and goes without hashing
+    /// the whole closure per build.
     view: Vec<u32>,
-    viewed: Vec<bool>,
+    held: Vec<u32>,
+    stamp: u32,
     /// What each path seen so far is (by id).
     kinds: HashMap<u32, Entry>,
-    marks: Vec<u32>,
-    stamp: u32,
     /// Names (numbers) of the spare directories in `pool/`, and the last number used.
     pool: Vec<u32>,
     pool_next: u32,
@@ -202,8 +201,6 @@ pub(super) struct SlotNs {
     per_build_mounted: bool,
     /// The `/etc/passwd` and `/etc/group` written last (the same build user: not again).
     etc: Option<(CString, CString)>,
-    /// What the watch saw of the last build, read when it ended (see `end_watch`).
-    touched: Option<io::Result<Option<Touched>>>,
 }
 
 /// One build slot: free or held, made or not yet.
@@ -388,6 +385,10 @@ struct StoreWatch {
     path: CString,
 }
 
+/// What the watch of a slot's store directory saw of a build (see `SlotNs::end_watch`).
+#[derive(Debug)]
+pub(super) struct WatchReport(io::Result<Option<Touched>>);
+
 /// What a builder did in the store directory, read from the watch.
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Touched {
@@ -474,9 +475,11 @@ impl StoreWatch {
 }
 
 /// What a builder that owns a directory could change on it without the directory's
-/// entries changing: mode, owner, group, extended attribute names (an ACL, say).
+/// entries changing: mode, owner, group, extended attribute names (an ACL, say); and
+/// which directory it is (device and inode).
 #[derive(Debug, PartialEq, Eq)]
 struct DirAttrs {
+    id: (u64, u64),
     mode: u32,
     uid: u32,
     gid: u32,
@@ -488,6 +491,7 @@ impl DirAttrs {
         use std::os::unix::fs::MetadataExt;
         let md = fs::symlink_metadata(path)?;
         Ok(DirAttrs {
+            id: (md.dev(), md.ino()),
             mode: md.mode(),
             uid: md.uid(),
             gid: md.gid(),
@@ -607,12 +611,7 @@ impl SlotNs {
         ops: Vec<Op>,
     ) -> Result<SlotNs, SandboxError> {
         let store = dir.join("store");
-        let made = xattr_names(&build_dir)
-            .and_then(|x| {
-                use std::os::unix::fs::MetadataExt;
-                let m = fs::symlink_metadata(&build_dir)?;
-                Ok((x, (m.dev(), m.ino())))
-            })
+        let made = DirAttrs::of(&build_dir)
             .map_err(io_err("stat", &build_dir))
             .and_then(|x| {
                 let fds = SlotNs::make(&dir, &how, ops)?;
@@ -621,9 +620,8 @@ impl SlotNs {
                 Ok((x, attrs, fds))
             });
         match made {
-            Ok(((build_dir_xattrs, build_dir_id), store_dir_attrs, fds)) => Ok(SlotNs {
-                build_dir_xattrs,
-                build_dir_id,
+            Ok((build_dir_attrs, store_dir_attrs, fds)) => Ok(SlotNs {
+                build_dir_attrs,
                 left_next: 0,
                 store_dir_attrs,
                 fds,
@@ -634,15 +632,14 @@ impl SlotNs {
                 dir,
                 current: HashMap::new(),
                 view: Vec::new(),
-                viewed: Vec::new(),
+                held: Vec::new(),
                 kinds: HashMap::new(),
-                marks: Vec::new(),
-                stamp: 0,
+                // 0 in `held`: never in view.
+                stamp: 1,
                 pool: Vec::new(),
                 pool_next: 0,
                 per_build_mounted: false,
                 etc: None,
-                touched: None,
             }),
             Err(e) => {
                 let _ = crate::store::fsutil::delete_path(&dir);
@@ -782,28 +779,28 @@ impl SlotNs {
     pub fn plan(&mut self, b: SlotBuild<'_>) -> Result<SandboxSetup, SandboxError> {
         let inside = |p: &str| c(p);
         let in_store = |name: &str| c(&format!("{}/{name}", b.store_dir));
-        // The diff by dense ids: a stamp per id marks this closure.
-        self.stamp += 1;
-        let top = b.closure.iter().max().map_or(0, |m| *m as usize + 1);
-        if self.marks.len() < top {
-            self.marks.resize(top, 0);
-        }
-        for &id in &b.closure {
-            self.marks[id as usize] = self.stamp;
-        }
-        let mut stale: Vec<(Box<str>, EntryKind)> = Vec::new();
-        for &id in &self.view {
-            if self.marks[id as usize] != self.stamp {
-                let n = (b.name)(id);
-                if let Some(k) = self.current.get(n) {
-                    stale.push((n.into(), *k));
-                }
+        // The diff by dense ids: what the last view held and this closure does not is
+        // stale, and the other way round new.
+        let (last, next) = (self.stamp, self.stamp.wrapping_add(1));
+        if next == 0 {
+            // (0 means never held.)
+            // After 2^32 builds: no view but the last one held anything.
+            self.held.iter_mut().for_each(|h| *h = 0);
+            for &id in &self.view {
+                self.held[id as usize] = 1;
             }
+            self.stamp = 1;
+            return self.plan(b);
+        }
+        let top = b.closure.iter().max().map_or(0, |m| *m as usize + 1);
+        if self.held.len() < top {
+            self.held.resize(top, 0);
         }
         let mut new = Vec::new();
         for &id in &b.closure {
-            let n = (b.name)(id);
-            if self.viewed.get(id as usize) != Some(&true) {
+            let h = &mut self.held[id as usize];
+            if *h != last {
+                let n = (b.name)(id);
                 // What a store path is never changes: looked up once per slot.
                 let entry = match self.kinds.get(&id) {
                     Some(e) => e.clone(),
@@ -815,16 +812,18 @@ impl SlotNs {
                 };
                 new.push((n, entry));
             }
+            *h = next;
         }
+        let mut stale: Vec<(Box<str>, EntryKind)> = Vec::new();
         for &id in &self.view {
-            self.viewed[id as usize] = false;
+            if self.held[id as usize] != next {
+                let n = (b.name)(id);
+                if let Some(k) = self.current.get(n) {
+                    stale.push((n.into(), *k));
+                }
+            }
         }
-        if self.viewed.len() < top {
-            self.viewed.resize(top, false);
-        }
-        for &id in &b.closure {
-            self.viewed[id as usize] = true;
-        }
+        self.stamp = next;
         self.view = b.closure;
         let (store_fd, pool_fd) = (self.fds.store_fd.as_raw_fd(), self.fds.pool_fd.as_raw_fd());
         let mut ops = Vec::with_capacity(24 + 3 * (stale.len() + new.len()));
@@ -1077,7 +1076,7 @@ impl SlotNs {
 
     /// Whether the path `id` is in the store view now.
     pub fn holds(&self, id: u32) -> bool {
-        self.viewed.get(id as usize) == Some(&true)
+        self.held.get(id as usize) == Some(&self.stamp)
     }
 
     /// How many paths a build with input closure `closure` would add to or remove from
@@ -1139,18 +1138,25 @@ impl SlotNs {
     pub fn build_dir_intact(&self) -> bool {
         use std::os::unix::fs::MetadataExt;
         fs::symlink_metadata(&self.build_dir)
-            .is_ok_and(|m| m.is_dir() && (m.dev(), m.ino()) == self.build_dir_id)
+            .is_ok_and(|m| m.is_dir() && (m.dev(), m.ino()) == self.build_dir_attrs.id)
     }
 
-    /// Empties the build directory (what the builder left, whatever its modes) and makes
-    /// it root's with mode 0700 again, as a fresh one; one the builder gave extended
-    /// attributes (an ACL, say) is an error: the slot is made again with a new one.
+    /// Empties the build directory (what the builder left, whatever its modes, moves to a
+    /// directory beside it, returned) and gives it back its mode and owner, as a fresh
+    /// one; one the builder gave other extended attributes (an ACL, say) is an error: the
+    /// slot is made again with a new one.
     fn reset_build_dir(&mut self) -> Result<Option<PathBuf>, SandboxError> {
-        use std::os::unix::fs::MetadataExt;
         let d = &self.build_dir;
-        let md = fs::symlink_metadata(d).map_err(io_err("stat", d))?;
-        if md.mode() & 0o7777 != 0o700 {
-            fs::set_permissions(d, fs::Permissions::from_mode(0o700))
+        let was = &self.build_dir_attrs;
+        let now = DirAttrs::of(d).map_err(io_err("stat", d))?;
+        if now.id != was.id || now.xattrs != was.xattrs {
+            return Err(SandboxError::Setup(format!(
+                "the build directory {} was replaced or its extended attributes changed",
+                d.display()
+            )));
+        }
+        if now.mode != was.mode {
+            fs::set_permissions(d, fs::Permissions::from_mode(was.mode & 0o7777))
                 .map_err(io_err("change mode of", d))?;
         }
         // What the builder left moves (one rename per entry) to a directory beside it.
@@ -1173,30 +1179,28 @@ impl SlotNs {
             };
             fs::rename(e.path(), to.join(e.file_name())).map_err(io_err("move", &e.path()))?;
         }
-        if md.uid() != 0 || md.gid() != 0 {
-            std::os::unix::fs::chown(d, Some(0), Some(0)).map_err(io_err("change owner of", d))?;
-        }
-        if xattr_names(d).map_err(io_err("list extended attributes of", d))?
-            != self.build_dir_xattrs
-        {
-            return Err(SandboxError::Setup(format!(
-                "the extended attributes of build directory {} were changed",
-                d.display()
-            )));
+        if (now.uid, now.gid) != (was.uid, was.gid) {
+            std::os::unix::fs::chown(d, Some(was.uid), Some(was.gid))
+                .map_err(io_err("change owner of", d))?;
         }
         Ok(left)
     }
 
-    /// Ends the watch of the store directory when the builder is done: what it saw is
-    /// kept for the sweep, and moving the outputs out costs no events.
-    pub fn end_watch(&mut self) {
-        self.touched = Some(self.fds.watch.stop());
+    /// Ends the watch of the store directory when the builder is done (moving the outputs
+    /// out then costs no events): what it saw, for `sweep`.
+    pub fn end_watch(&self) -> WatchReport {
+        WatchReport(self.fds.watch.stop())
     }
 
     /// After a successful build (outputs already moved out): removes whatever else the
     /// builder left in the store directory, so the next build sees only its closure.
     /// Looks only at the names the builder touched, when the watch can tell them.
-    pub fn sweep(&mut self, real_store: &Path, outputs: &[&str]) -> Result<(), SandboxError> {
+    pub fn sweep(
+        &self,
+        seen: WatchReport,
+        real_store: &Path,
+        outputs: &[&str],
+    ) -> Result<(), SandboxError> {
         let store = self.dir.join("store");
         if DirAttrs::of(&store).map_err(io_err("stat", &store))? != self.store_dir_attrs {
             return Err(SandboxError::Setup(format!(
@@ -1204,11 +1208,7 @@ impl SlotNs {
                 store.display()
             )));
         }
-        let touched = match self.touched.take() {
-            Some(t) => t,
-            None => self.fds.watch.stop(),
-        }
-        .map_err(io_err("watch", &store))?;
+        let touched = seen.0.map_err(io_err("watch", &store))?;
         let Some(touched) = touched else {
             return self.sweep_all(real_store, &store);
         };
