@@ -67,13 +67,23 @@ static BUILD_DIR_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// Creates `<base>/nix-build-<drv name>-<n>` (mode 0700) as Nix's `createTempDir`.
 pub fn create_build_dir(base: &Path, drv_path: &StorePath) -> Result<PathBuf, BuilderError> {
+    create_new_dir(base, |n| format!("nix-build-{}-{n}", drv_path.name()))
+        .map_err(|(dir, e)| io_err("create build directory", &dir)(e))
+}
+
+/// Creates a new directory `<base>/<name(n)>` (mode 0700) for the next number `n` of a
+/// counter whose name is free: never one that exists (it could be anybody's, or a link).
+/// The error names the directory it could not make.
+pub fn create_new_dir(
+    base: &Path,
+    name: impl Fn(u64) -> String,
+) -> Result<PathBuf, (PathBuf, io::Error)> {
     loop {
-        let n = BUILD_DIR_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let dir = base.join(format!("nix-build-{}-{n}", drv_path.name()));
+        let dir = base.join(name(BUILD_DIR_COUNTER.fetch_add(1, Ordering::Relaxed)));
         match fs::DirBuilder::new().mode(0o700).create(&dir) {
             Ok(()) => return Ok(dir),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(io_err("create build directory", &dir)(e)),
+            Err(e) => return Err((dir, e)),
         }
     }
 }

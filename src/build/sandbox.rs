@@ -1723,20 +1723,13 @@ impl Sandbox {
         let parent = match &self.slot_dirs {
             Some(p) => p.clone(),
             None => {
-                // A new one (never one that exists: it could be anybody's, or a link).
-                let p = (0u32..)
-                    .map(|k| tmp_base.join(format!("nix-build-slots-{}-{k}", std::process::id())))
-                    .find_map(|p| match fs::DirBuilder::new().mode(0o700).create(&p) {
-                        Ok(()) => Some(Ok(p)),
-                        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => None,
-                        Err(e) => Some(Err(io_err("create directory", &p)(e))),
-                    })
-                    .unwrap_or_else(|| Err(SandboxError::Setup("no slot directory".into())))?;
+                let pid = std::process::id();
+                let p = new_dir(tmp_base, |n| format!("nix-build-slots-{pid}-{n}"))?;
                 self.slot_dirs = Some(p.clone());
                 p
             }
         };
-        let build_dir = slot_build_dir(&parent)?;
+        let build_dir = new_dir(&parent, |n| format!("slot-{n}"))?;
         {
             let root = self.root.clone();
             let r = |p: &str| under(&root, p);
@@ -1975,18 +1968,10 @@ fn nearest_slot(
     }
 }
 
-/// A new build directory for a sandbox slot below `base` (mode 0700, root's).
-fn slot_build_dir(base: &Path) -> Result<PathBuf, SandboxError> {
-    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    loop {
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = base.join(format!("slot-{n}"));
-        match fs::DirBuilder::new().mode(0o700).create(&dir) {
-            Ok(()) => return Ok(dir),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(io_err("create build directory", &dir)(e)),
-        }
-    }
+/// A new directory below `base` (mode 0700, root's), named by `name` (see
+/// `builder::create_new_dir`).
+pub(super) fn new_dir(base: &Path, name: impl Fn(u64) -> String) -> Result<PathBuf, SandboxError> {
+    super::builder::create_new_dir(base, name).map_err(|(d, e)| io_err("create directory", &d)(e))
 }
 
 /// Private mounts, then a fresh tmpfs on `root` (the sandbox's root to be).

@@ -174,9 +174,8 @@ pub(super) struct SlotNs {
     /// build's (emptied and reset after each success; no mount per build).
     pub build_dir: PathBuf,
     /// Its attributes when made (0700, root's; extended attributes such as a security
-    /// label), and the number of the last directory of what builds left there.
+    /// label).
     build_dir_attrs: DirAttrs,
-    left_next: u32,
     /// The store directory's mode, owner, group and extended attribute names when made:
     /// a builder that owns it (root without idmapped mounts) could change them, and the
     /// watch does not report that (see `StoreWatch`).
@@ -622,7 +621,6 @@ impl SlotNs {
         match made {
             Ok((build_dir_attrs, store_dir_attrs, fds)) => Ok(SlotNs {
                 build_dir_attrs,
-                left_next: 0,
                 store_dir_attrs,
                 fds,
                 hardlinks: how.idmap >= 0 || how.store_group.is_some(),
@@ -1166,15 +1164,8 @@ impl SlotNs {
             let to = match &left {
                 Some(t) => t,
                 None => {
-                    self.left_next += 1;
-                    let mut name = d.as_os_str().to_owned();
-                    name.push(format!(".left-{}", self.left_next));
-                    let t = PathBuf::from(name);
-                    fs::DirBuilder::new()
-                        .mode(0o700)
-                        .create(&t)
-                        .map_err(io_err("create directory", &t))?;
-                    left.insert(t)
+                    let beside = d.parent().unwrap_or(d);
+                    left.insert(super::new_dir(beside, |n| format!("left-{n}"))?)
                 }
             };
             fs::rename(e.path(), to.join(e.file_name())).map_err(io_err("move", &e.path()))?;
