@@ -1246,7 +1246,12 @@ impl Sandbox {
             slots: Vec::new(),
             max_slots: 2,
             slot_dirs: None,
-            idmap: None,
+            // Not tried yet; `HAUBERK_SANDBOX_IDMAP=0` makes them unavailable (what
+            // happens where the kernel or file system has none).
+            idmap: match std::env::var_os("HAUBERK_SANDBOX_IDMAP") {
+                Some(v) if v == "0" => Some(None),
+                _ => None,
+            },
             spawn: SpawnMode::configured(),
         }
     }
@@ -1751,16 +1756,8 @@ impl Sandbox {
             self.skeleton_ops(&mut ops, &r, false);
             // A builder that stays root sees the store through idmapped mounts (see
             // `slot::idmap_userns`), tried once.
-            // (`HAUBERK_SANDBOX_IDMAP=0` turns them off: what happens where the kernel or
-            // file system has none.)
             if user.is_none() && self.idmap.is_none() {
-                let off = std::env::var_os("HAUBERK_SANDBOX_IDMAP").is_some_and(|v| v == "0");
-                let made = if off {
-                    Err("idmapped mounts are off (HAUBERK_SANDBOX_IDMAP=0)".to_string())
-                } else {
-                    slot::idmap_userns(Path::new(&store_dir))
-                };
-                self.idmap = Some(match made {
+                self.idmap = Some(match slot::idmap_userns(Path::new(&store_dir)) {
                     Ok(fd) => Some(fd),
                     Err(e) => {
                         log::info!("{e}: file inputs of reused sandboxes are mounts");
